@@ -1,0 +1,54 @@
+"""curvlib: curvature of a PyTorch model's loss, with swappable backends.
+
+GGN, Monte-Carlo Fisher, empirical Fisher and Hessian as full matrices, diagonals and
+Kronecker factors, through one interface (a drop-in for laplace-torch's
+``laplace.curvature``) with three backends: pure autograd, BackPACK and ASDL.
+"""
+
+from curvlib.backends import CURVATURES, backend_class, register_backend
+from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
+from curvlib.errors import (
+    CapabilityError,
+    CurvlibError,
+    DecompositionError,
+    DistributedError,
+    InputError,
+    LikelihoodError,
+    NonFiniteError,
+    SharedParameterError,
+    TargetError,
+    UnsupportedModuleError,
+)
+from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
+from curvlib.kron import Kron, KronDecomposed
+from curvlib.likelihood import Classification, Likelihood, Regression, get_likelihood
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CURVATURES",
+    "AutogradEF",
+    "AutogradGGN",
+    "AutogradHessian",
+    "CapabilityError",
+    "Classification",
+    "CurvatureInterface",
+    "CurvlibError",
+    "DecompositionError",
+    "DistributedError",
+    "EFInterface",
+    "GGNInterface",
+    "InputError",
+    "Kron",
+    "KronDecomposed",
+    "Likelihood",
+    "LikelihoodError",
+    "NonFiniteError",
+    "Regression",
+    "SharedParameterError",
+    "TargetError",
+    "UnsupportedModuleError",
+    "backend_class",
+    "get_likelihood",
+    "register_backend",
+]

@@ -1,0 +1,69 @@
+"""Exception classes of curvlib.
+
+Every error curvlib raises on bad input is one of these. Each subclasses the builtin that
+fits (``ValueError`` for bad input, ``NotImplementedError`` for a capability a backend
+lacks, ``RuntimeError`` for failures during the computation), so ``except ValueError``
+keeps working, and each message names what was given, what was expected and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CurvlibError",
+    "InputError",
+    "TargetError",
+    "LikelihoodError",
+    "UnsupportedModuleError",
+    "SharedParameterError",
+    "CapabilityError",
+    "NonFiniteError",
+    "DecompositionError",
+    "DistributedError",
+]
+
+
+class CurvlibError(Exception):
+    """Base class of every exception raised by curvlib."""
+
+
+class InputError(CurvlibError, ValueError):
+    """Inputs that do not fit the model: device, dtype, shape or type."""
+
+
+class TargetError(CurvlibError, ValueError):
+    """Targets whose shape, dtype or range does not fit the likelihood."""
+
+
+class LikelihoodError(CurvlibError, ValueError):
+    """An unknown likelihood, or a loss function curvlib cannot interpret."""
+
+
+class UnsupportedModuleError(CurvlibError, ValueError):
+    """A module that the selected backend or structure cannot handle.
+
+    The message names the module's path in the model, its type, the parameters it owns and,
+    where one exists, a backend that supports it.
+    """
+
+
+class SharedParameterError(CurvlibError, ValueError):
+    """A parameter used by several modules (tied weights) where a structure cannot handle it."""
+
+
+class CapabilityError(CurvlibError, NotImplementedError):
+    """A backend asked for a quantity or structure it cannot compute.
+
+    The message names the backend, the structure and a backend that can.
+    """
+
+
+class NonFiniteError(CurvlibError, RuntimeError):
+    """A NaN or infinity appeared in the model output or in a curvature result."""
+
+
+class DecompositionError(CurvlibError, RuntimeError):
+    """An eigendecomposition failed or met an indefinite factor beyond round-off."""
+
+
+class DistributedError(CurvlibError, RuntimeError):
+    """A failure on one rank of a ``torch.distributed`` accumulation, reported on all ranks."""
