@@ -15,6 +15,7 @@ last layer's with ``last_layer=True``; only ``subnetwork_indices`` of that vecto
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +25,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 from curvlib.errors import CapabilityError, InputError, TargetError
 from curvlib.likelihood import Likelihood, get_likelihood
 
-__all__ = ["CurvatureInterface", "GGNInterface", "EFInterface", "STRUCTURES", "KFAC_APPROX"]
+__all__ = [
+    "CurvatureInterface",
+    "GGNInterface",
+    "EFInterface",
+    "STRUCTURES",
+    "KFAC_APPROX",
+    "preserved_model",
+]
 
 STRUCTURES = ("full", "diag", "kron")
 KFAC_APPROX = ("expand", "reduce")
@@ -32,6 +40,56 @@ KFAC_APPROX = ("expand", "reduce")
 # Upper bound on the number of entries of one per-sample product tensor (B, K, P) held at
 # once; larger batches are processed in chunks.
 _CHUNK_ENTRIES = 2**25
+
+
+@contextmanager
+def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
+    """Run a block that may hook, extend or backpropagate through ``model``; undo it all.
+
+    On exit (also on error) every module gets back exactly its attributes (hooks dicts,
+    BackPACK's ``input0``/``output``/``_backpack_extend``, ASDL's operations, ...), its
+    training flag and its parameters' attributes, ``requires_grad`` and ``.grad``: the
+    ``.grad`` tensors are set aside during the block (so a backward pass inside writes fresh
+    ones) and put back unchanged. With ``rng=True`` the global CPU (and CUDA) RNG state is
+    restored too, so a library that reseeds or draws from it leaves no trace.
+    """
+    modules = list(model.modules())
+    saved_mods = []
+    for m in modules:
+        attrs = dict(m.__dict__)
+        containers = {k: list(v.items()) for k, v in attrs.items() if isinstance(v, dict)}
+        saved_mods.append((m, attrs, containers))
+    params = list(model.parameters())
+    saved_params = [(p, dict(p.__dict__), p.grad, p.requires_grad) for p in params]
+    for p in params:
+        p.grad = None
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices, enabled=rng):
+        try:
+            yield model
+        finally:
+            for m, attrs, containers in saved_mods:
+                for k in set(m.__dict__) - set(attrs):
+                    del m.__dict__[k]
+                for k, v in attrs.items():
+                    if m.__dict__.get(k) is not v:
+                        m.__dict__[k] = v
+                for k, items in containers.items():
+                    d = m.__dict__[k]
+                    now = list(d.items())
+                    if len(now) != len(items) or any(
+                        k1 != k2 or v1 is not v2 for (k1, v1), (k2, v2) in zip(now, items, strict=True)
+                    ):
+                        d.clear()
+                        d.update(items)
+            for p, attrs, grad, requires_grad in saved_params:
+                for k in set(p.__dict__) - set(attrs):
+                    delattr(p, k)
+                for k, v in attrs.items():
+                    if p.__dict__.get(k) is not v:
+                        p.__dict__[k] = v
+                p.requires_grad_(requires_grad)
+                p.grad = grad
 
 
 class CurvatureInterface:
@@ -228,9 +286,7 @@ class CurvatureInterface:
         if not isinstance(y, Tensor):
             raise TargetError(f"targets must be a tensor, got {type(y).__name__}")
         if y.ndim == 0 or y.shape[0] != B:
-            raise TargetError(
-                f"targets must have batch size {B} first, got shape {tuple(y.shape)}"
-            )
+            raise TargetError(f"targets must have batch size {B} first, got shape {tuple(y.shape)}")
         ref = self._ref_param()
         if y.device != ref.device:
             raise TargetError(f"targets are on {y.device} but the model is on {ref.device}")
@@ -329,9 +385,7 @@ class CurvatureInterface:
         """Per-sample Jacobians ``(Js (B, C, P), f (B, C))`` of the selected parameters."""
         return self.functorch_jacobians(x, enable_backprop)
 
-    def last_layer_jacobians(
-        self, x: Any, enable_backprop: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def last_layer_jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """Jacobians ``(Js (B, C, P_last), f (B, C))`` w.r.t. the last layer's parameters.
 
         The model must expose ``last_layer`` and ``forward_with_features``. The subnetwork
@@ -421,7 +475,12 @@ class GGNInterface(CurvatureInterface):
         **backend_options: Any,
     ) -> None:
         super().__init__(
-            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
+            model,
+            likelihood,
+            last_layer,
+            subnetwork_indices,
+            dict_key_x,
+            dict_key_y,
             **backend_options,
         )
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -433,9 +492,7 @@ class GGNInterface(CurvatureInterface):
     def curvature_name(cls) -> str:
         return "ggn"
 
-    def _cotangents(
-        self, f: Tensor, y: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def _cotangents(self, f: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``(B, K, C)`` cotangents whose outer products sum to Λ (exact or sampled)."""
         if self.stochastic:
             return self.lik.mc_cotangents(f.detach(), self.num_samples, generator)
@@ -494,9 +551,7 @@ class EFInterface(CurvatureInterface):
     def curvature_name(cls) -> str:
         return "ef"
 
-    def _cotangents(
-        self, f: Tensor, y: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def _cotangents(self, f: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.lik.ef_cotangents(f.detach(), y)
 
     def _scaled_gradients(self, x: Any, y: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -58,7 +58,9 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
 
 
 def kfac_entries(
-    model: nn.Module, params: Sequence[Tensor], supported: tuple[type[nn.Module], ...] = KFAC_MODULES
+    model: nn.Module,
+    params: Sequence[Tensor],
+    supported: tuple[type[nn.Module], ...] = KFAC_MODULES,
 ) -> list[KronEntry]:
     """Map each selected parameter to its module, checking K-FAC support before any work.
 

@@ -186,7 +186,9 @@ class Regression(Likelihood):
     ) -> Tensor:
         # y~ = f + eps, eps ~ N(0, I): grad_f(-log p) = f - y~ = -eps.
         shape = (f.shape[0], num_samples, f.shape[1])
-        eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=_gen_device(f, generator))
+        eps = torch.randn(
+            shape, generator=generator, dtype=f.dtype, device=_gen_device(f, generator)
+        )
         return -eps.to(f.device)
 
 
@@ -250,7 +252,9 @@ class Classification(Likelihood):
         # y~ ~ Categorical(p): grad_f(-log p(y~|f)) = p - e_{y~}.
         p = torch.softmax(f, dim=-1)
         dev = _gen_device(f, generator)
-        idx = torch.multinomial(p.detach().to(dev), num_samples, replacement=True, generator=generator)
+        idx = torch.multinomial(
+            p.detach().to(dev), num_samples, replacement=True, generator=generator
+        )
         onehot = nn.functional.one_hot(idx.to(f.device), f.shape[-1]).to(p.dtype)
         return p.unsqueeze(1) - onehot
 

@@ -77,22 +77,57 @@ def _frozen():
 
 
 CASES = [
-    Case("mlp_cls", "classification",
-         lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), (5,), 4),
-    Case("mlp_reg", "regression",
-         lambda: nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3)), (4,), 3),
-    Case("cnn_cls", "classification",
-         lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
-                               nn.Flatten(), nn.Linear(8, 3)), (2, 6, 6), 3, batch=4),
-    Case("conv1d_reg", "regression",
-         lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                               nn.Linear(18, 2)), (2, 6), 2, batch=4),
+    Case(
+        "mlp_cls",
+        "classification",
+        lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)),
+        (5,),
+        4,
+    ),
+    Case(
+        "mlp_reg",
+        "regression",
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3)),
+        (4,),
+        3,
+    ),
+    Case(
+        "cnn_cls",
+        "classification",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (2, 6, 6),
+        3,
+        batch=4,
+    ),
+    Case(
+        "conv1d_reg",
+        "regression",
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(18, 2)
+        ),
+        (2, 6),
+        2,
+        batch=4,
+    ),
     Case("frozen_reg", "regression", _frozen, (4,), 2),
-    Case("lastlayer_cls", "classification", lambda: LastLayerModel(4, 6, 3), (4,), 3,
-         last_layer=True),
-    Case("subnet_cls", "classification",
-         lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), 3,
-         subnetwork=True, kron=False),
+    Case(
+        "lastlayer_cls", "classification", lambda: LastLayerModel(4, 6, 3), (4,), 3, last_layer=True
+    ),
+    Case(
+        "subnet_cls",
+        "classification",
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
+        (5,),
+        3,
+        subnetwork=True,
+        kron=False,
+    ),
     Case("seq_cls", "classification", SeqModel, (3, 4), 3, batch=4),
 ]
 

@@ -70,7 +70,9 @@ def output_hessians(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     """(B, C, C): Hessian of each sample's loss w.r.t. its output, by autograd."""
     return torch.stack(
         [
-            torch.autograd.functional.hessian(lambda fn: loss_terms(likelihood, fn, y[n]), f[n])
+            torch.autograd.functional.hessian(
+                lambda fn, yn=y[n]: loss_terms(likelihood, fn, yn), f[n]
+            )
             for n in range(f.shape[0])
         ]
     )
@@ -114,8 +116,14 @@ def model_state(model: nn.Module) -> dict:
         state["training"].append((name, m.training))
         hooks = tuple(
             tuple(getattr(m, h).keys())
-            for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+            for h in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_backward_hooks",
+                "_backward_pre_hooks",
+                "_state_dict_hooks",
+                "_load_state_dict_pre_hooks",
+            )
         )
         state["hooks"].append((name, hooks, m._is_full_backward_hook))
         state["dict"].append((name, tuple(sorted(m.__dict__))))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import reference as ref
+import torch
 from cases import CASE_IDS, CASES
+
 from curvlib import AutogradEF, AutogradGGN, AutogradHessian
 
 TOL = 1e-8

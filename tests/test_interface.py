@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+from cases import CASES
 from torch import nn
 
-import reference as ref
-from cases import CASES
 from curvlib import (
     AutogradEF,
     AutogradGGN,
@@ -109,7 +109,9 @@ def test_targets_on_other_device():
 def test_model_output_must_be_2d():
     model = nn.Sequential(nn.Linear(3, 2), nn.Flatten(0)).double()
     with pytest.raises(TargetError, match=r"\(batch, outputs\)"):
-        AutogradGGN(model, "regression").diag(torch.randn(4, 3).double(), torch.randn(4, 2).double())
+        AutogradGGN(model, "regression").diag(
+            torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        )
 
 
 def test_no_trainable_parameters():
@@ -218,3 +220,25 @@ def test_hessian_has_no_kron():
     with pytest.raises(CapabilityError, match="autograd.*'kron'.*hessian"):
         AutogradHessian(model, "classification").kron(x, y)
     assert issubclass(CapabilityError, NotImplementedError)
+
+
+def test_preserved_model_undoes_everything():
+    from curvlib.interface import preserved_model
+
+    model, x, y = cls_data()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = ref.model_state(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="inside"), preserved_model(model):
+        model[0].register_forward_hook(lambda *a: None)
+        model[2].register_full_backward_hook(lambda *a: None)
+        model[0].extra_attribute = 1
+        model[0].weight.extra = 2
+        model.eval()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        torch.manual_seed(123)
+        torch.rand(3)
+        raise RuntimeError("inside")
+    ref.assert_same_state(before, ref.model_state(model))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))

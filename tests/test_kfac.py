@@ -8,12 +8,12 @@ loops over Jacobians of the model output w.r.t. the layer output, and torch's ow
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+from cases import CASES, SeqModel
 from torch import nn
 from torch.nn import functional as F
 
-import reference as ref
-from cases import CASES, SeqModel
 from curvlib import AutogradEF, AutogradGGN, SharedParameterError, UnsupportedModuleError
 from curvlib.kfac import capture_io, unfold_input
 
@@ -72,6 +72,7 @@ def split_model(case_name):
 def brute_factors(model, x, y, likelihood, layer, rest, N, approx):
     """G and A of one layer from the definitions, by loops over samples and locations."""
     inputs, outputs = [], []
+
     def hook(module, args, out):
         inputs.append(args[0])
         outputs.append(out)
@@ -151,7 +152,10 @@ def test_partition_sums_to_whole(case, cls):
     for s in parts:
         l_s, K = curv.kron(x[s], y[s], N=N)
         loss = loss + l_s
-        total = [[a + b for a, b in zip(e1, e2, strict=True)] for e1, e2 in zip(total, K.kfacs, strict=True)]
+        total = [
+            [a + b for a, b in zip(e1, e2, strict=True)]
+            for e1, e2 in zip(total, K.kfacs, strict=True)
+        ]
     for e1, e2 in zip(total, whole.kfacs, strict=True):
         for a, b in zip(e1, e2, strict=True):
             assert ref.rel_err(a, b) < TOL

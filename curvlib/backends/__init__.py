@@ -50,7 +50,11 @@ def _fisher(ggn: type) -> type:
         def __init__(self, *args: Any, stochastic: bool = True, **kwargs: Any) -> None:
             ggn.__init__(self, *args, stochastic=stochastic, **kwargs)
 
-        name = ggn.__name__[:-3] + "Fisher" if ggn.__name__.endswith("GGN") else ggn.__name__ + "Fisher"
+        name = (
+            ggn.__name__[:-3] + "Fisher"
+            if ggn.__name__.endswith("GGN")
+            else ggn.__name__ + "Fisher"
+        )
         _FISHER_CACHE[ggn] = type(
             name,
             (ggn,),

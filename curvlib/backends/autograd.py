@@ -168,6 +168,4 @@ class AutogradHessian(CurvatureInterface):
         self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
         """Hessian diagonal ``(loss, h (P,))`` from Hessian-vector products."""
-        return self._hessian_rows(
-            x, y, lambda rows, sel: rows[torch.arange(sel.numel()), sel]
-        )
+        return self._hessian_rows(x, y, lambda rows, sel: rows[torch.arange(sel.numel()), sel])
