@@ -77,9 +77,10 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
                 for k, items in containers.items():
                     d = m.__dict__[k]
                     now = list(d.items())
-                    if len(now) != len(items) or any(
-                        k1 != k2 or v1 is not v2 for (k1, v1), (k2, v2) in zip(now, items, strict=True)
-                    ):
+                    same = len(now) == len(items) and all(
+                        k1 == k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(now, items, strict=True)
+                    )
+                    if not same:
                         d.clear()
                         d.update(items)
             for p, attrs, grad, requires_grad in saved_params:
