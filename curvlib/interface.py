@@ -430,6 +430,24 @@ class CurvatureInterface:
         """Kronecker-factored curvature ``(loss, Kron)``."""
         raise self._unsupported("kron")
 
+    def operator(self, x: Any = None, y: Tensor | None = None, **kwargs: Any):
+        """Matrix-free curvature operator ``v -> C v`` on a batch, or over a DataLoader.
+
+        See :func:`curvlib.linops.curvature_operator` for the options.
+        """
+        from curvlib.linops import curvature_operator
+
+        return curvature_operator(self, x, y, **kwargs)
+
+    def accumulator(self, structure: str, **kwargs: Any):
+        """A mergeable accumulator of ``structure`` over batches, shards and ranks.
+
+        See :class:`curvlib.data.Accumulator`.
+        """
+        from curvlib.data import Accumulator
+
+        return Accumulator(self, structure, **kwargs)
+
     def _unsupported(self, structure: str) -> CapabilityError:
         from curvlib.backends import backends_supporting
 
