@@ -20,7 +20,7 @@ from curvlib.errors import (
     UnsupportedModuleError,
 )
 from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
-from curvlib.kron import Kron, KronDecomposed
+from curvlib.kron import IndefiniteFactorError, Kron, KronDecomposed
 from curvlib.likelihood import Classification, Likelihood, Regression, get_likelihood
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "DistributedError",
     "EFInterface",
     "GGNInterface",
+    "IndefiniteFactorError",
     "InputError",
     "Kron",
     "KronDecomposed",
