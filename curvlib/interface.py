@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from curvlib.errors import CapabilityError, InputError, TargetError
+from curvlib.errors import CapabilityError, InputError, TargetError, UnsupportedModuleError
 from curvlib.likelihood import Likelihood, get_likelihood
 
 __all__ = [
@@ -128,6 +128,18 @@ class CurvatureInterface:
     structures: ClassVar[tuple[str, ...]] = ()
     #: backend options accepted by the constructor besides ``kfac_approx``.
     extra_options: ClassVar[tuple[str, ...]] = ()
+    #: per structure, the module types the backend handles (``None``: any differentiable
+    #: module). Checked before any work by :meth:`_check_modules`.
+    supported_modules: ClassVar[dict[str, tuple[type[nn.Module], ...] | None]] = {}
+    #: whether every leaf module must be supported (libraries that propagate quantities
+    #: module by module, like BackPACK), or only the modules owning selected parameters.
+    check_all_leaves: ClassVar[bool] = False
+    #: likelihoods the backend handles.
+    likelihoods: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    #: whether dict (HuggingFace-style) inputs are supported.
+    dict_inputs: ClassVar[bool] = True
+    #: weight-sharing K-FAC variants the backend computes.
+    kfac_approximations: ClassVar[tuple[str, ...]] = KFAC_APPROX
 
     def __init__(
         self,
@@ -447,6 +459,45 @@ class CurvatureInterface:
         from curvlib.data import Accumulator
 
         return Accumulator(self, structure, **kwargs)
+
+    def _check_modules(self, structure: str) -> None:
+        """Raise :class:`UnsupportedModuleError` for a module this backend cannot handle."""
+        types = self.supported_modules.get(structure)
+        if types is None:
+            return
+        owners = {id(p) for p in self.params}
+        for path, mod in self._model.named_modules():
+            if self.check_all_leaves:
+                relevant = not list(mod.children())
+            else:
+                relevant = any(id(p) in owners for p in mod.parameters(recurse=False))
+            if relevant and not isinstance(mod, types):
+                raise self._unsupported_module(path, mod, structure)
+
+    def _unsupported_module(
+        self, path: str, module: nn.Module, structure: str, detail: str = ""
+    ) -> UnsupportedModuleError:
+        """The error for ``module`` at ``path``: names it, its parameters, and alternatives."""
+        from curvlib.backends import backends_supporting_module
+
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        others = [
+            b
+            for b in backends_supporting_module(self.curvature_name(), structure, module)
+            if b != self.backend_name
+        ]
+        return UnsupportedModuleError(
+            f"backend {self.backend_name!r} cannot compute the {structure!r} structure for "
+            f"module {path or '<root>'!r} of type {type(module).__name__}"
+            + (f" ({detail})" if detail else "")
+            + (f" with parameters {names}" if names else "")
+            + f"; backends that support it: {others or 'none'}"
+            + (
+                " (or freeze its parameters / use last_layer=True)"
+                if names and not self.check_all_leaves
+                else ""
+            )
+        )
 
     def _unsupported(self, structure: str) -> CapabilityError:
         from curvlib.backends import backends_supporting

@@ -11,7 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CURVATURES", "register_backend", "backend_class", "backends_supporting", "registry"]
+__all__ = [
+    "CURVATURES",
+    "register_backend",
+    "backend_class",
+    "backends_supporting",
+    "backends_supporting_module",
+    "registry",
+]
 
 CURVATURES = ("ggn", "fisher", "ef", "hessian")
 
@@ -105,5 +112,16 @@ def backends_supporting(curvature: str, structure: str) -> list[str]:
         except (ValueError, ImportError):
             continue
         if structure in getattr(cls, "structures", ()):
+            names.append(name)
+    return names
+
+
+def backends_supporting_module(curvature: str, structure: str, module: Any) -> list[str]:
+    """Names of registered backends whose ``structure`` of ``curvature`` handles ``module``."""
+    names = []
+    for name in backends_supporting(curvature, structure):
+        cls = backend_class(name, curvature)
+        types = getattr(cls, "supported_modules", {}).get(structure)
+        if types is None or isinstance(module, types):
             names.append(name)
     return names

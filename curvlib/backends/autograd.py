@@ -25,7 +25,7 @@ from torch import Tensor
 
 from curvlib.errors import CapabilityError
 from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
-from curvlib.kfac import kfac
+from curvlib.kfac import KFAC_MODULES, kfac
 from curvlib.kron import Kron
 
 __all__ = ["AutogradGGN", "AutogradEF", "AutogradHessian"]
@@ -36,6 +36,11 @@ class _AutogradProducts:
 
     backend_name: ClassVar[str] = "autograd"
     structures: ClassVar[tuple[str, ...]] = ("full", "diag", "kron")
+    supported_modules: ClassVar[dict[str, tuple[type, ...] | None]] = {
+        "full": None,
+        "diag": None,
+        "kron": KFAC_MODULES,
+    }
 
     def _products(self, x: Any, y: Tensor | None, generator: torch.Generator | None, op):
         inp, y = self._prepare(x, y)
@@ -93,6 +98,7 @@ class _AutogradProducts:
                 "the kron structure does not support subnetwork_indices; use diag or full"
             )
         inp, y = self._prepare(x, y)
+        self._check_modules("kron")
         B = self._batch_size(x)
         N = B if N is None else int(N)
         if N < 1:
