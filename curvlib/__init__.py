@@ -7,6 +7,7 @@ Kronecker factors, through one interface (a drop-in for laplace-torch's
 
 from curvlib.backends import CURVATURES, backend_class, register_backend
 from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
+from curvlib.config import CurvatureConfig, available, make_curvature, supports
 from curvlib.errors import (
     CapabilityError,
     CurvlibError,
@@ -31,6 +32,7 @@ __all__ = [
     "AutogradGGN",
     "AutogradHessian",
     "CapabilityError",
+    "CurvatureConfig",
     "Classification",
     "CurvatureInterface",
     "CurvlibError",
@@ -49,7 +51,10 @@ __all__ = [
     "SharedParameterError",
     "TargetError",
     "UnsupportedModuleError",
+    "available",
     "backend_class",
     "get_likelihood",
+    "make_curvature",
     "register_backend",
+    "supports",
 ]

@@ -39,7 +39,7 @@ def register_backend(name: str, curvature: str, cls: type | str) -> None:
     Registering ``ggn`` also makes ``fisher`` available (the class with ``stochastic=True``).
     """
     if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; known: {list(CURVATURES)}")
+        raise ValueError(f"unknown curvature {curvature!r}; known curvatures: {list(CURVATURES)}")
     _REGISTRY.setdefault(name, {})[curvature] = cls
 
 

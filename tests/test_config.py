@@ -1,0 +1,142 @@
+"""Swap by configuration: strings, dicts, dataclasses, the environment; capabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from cases import CASES
+from torch import nn
+
+import curvlib
+from curvlib import AutogradEF, AutogradGGN, CurvatureConfig, make_curvature, supports
+from curvlib.backends import _REGISTRY, registry
+
+
+def model_data():
+    model, x, y, _ = CASES[0].make()
+    return model, x, y
+
+
+@pytest.mark.parametrize(
+    "spec, cls, stochastic",
+    [
+        (None, AutogradGGN, False),
+        ("autograd", AutogradGGN, False),
+        ("autograd:ef", AutogradEF, None),
+        ("autograd:fisher", AutogradGGN, True),
+        ({"backend": "autograd", "curvature": "ef"}, AutogradEF, None),
+        (CurvatureConfig("autograd", "fisher"), AutogradGGN, True),
+    ],
+)
+def test_specs(spec, cls, stochastic, monkeypatch):
+    monkeypatch.delenv("CURVLIB_BACKEND", raising=False)
+    model, _, _ = model_data()
+    curv = make_curvature(model, "classification", spec)
+    assert isinstance(curv, cls)
+    if stochastic is not None:
+        assert curv.stochastic is stochastic
+
+
+def test_dict_options_and_overrides(monkeypatch):
+    monkeypatch.delenv("CURVLIB_BACKEND", raising=False)
+    model, x, y = model_data()
+    curv = make_curvature(
+        model, "classification", {"backend": "autograd", "curvature": "fisher", "num_samples": 4}
+    )
+    assert curv.num_samples == 4 and curv.stochastic
+    curv = make_curvature(model, "classification", "autograd:fisher", curvature="ggn")
+    assert not curv.stochastic
+    curv = make_curvature(
+        model, "classification", CurvatureConfig("autograd", "ggn", {"kfac_approx": "reduce"})
+    )
+    assert curv.kfac_approx == "reduce"
+
+
+def test_other_dataclass(monkeypatch):
+    @dataclasses.dataclass
+    class MyConfig:
+        backend: str = "autograd"
+        curvature: str = "ef"
+        options: dict = dataclasses.field(default_factory=dict)
+
+    model, _, _ = model_data()
+    assert isinstance(make_curvature(model, "classification", MyConfig()), AutogradEF)
+
+
+def test_environment_variable(monkeypatch):
+    model, _, _ = model_data()
+    monkeypatch.setenv("CURVLIB_BACKEND", "autograd:ef")
+    assert isinstance(make_curvature(model, "classification"), AutogradEF)
+    # an explicit spec wins over the environment
+    assert isinstance(make_curvature(model, "classification", "autograd:ggn"), AutogradGGN)
+    monkeypatch.setenv("CURVLIB_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="known backends"):
+        make_curvature(model, "classification")
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("jax:ggn", "unknown backend 'jax'; known backends"),
+        ("autograd:kfac", "unknown curvature 'kfac'; known curvatures"),
+        (42, "got int"),
+    ],
+)
+def test_unknown_names(spec, match):
+    model, _, _ = model_data()
+    with pytest.raises(ValueError, match=match):
+        make_curvature(model, "classification", spec)
+
+
+def test_same_numbers_through_config(monkeypatch):
+    monkeypatch.delenv("CURVLIB_BACKEND", raising=False)
+    model, x, y = model_data()
+    _, a = make_curvature(model, "classification", "autograd:ggn").diag(x, y)
+    _, b = AutogradGGN(model, "classification").diag(x, y)
+    assert torch.equal(a, b)
+
+
+def test_register_backend():
+    class MyGGN(AutogradGGN):
+        backend_name = "mine"
+
+    try:
+        curvlib.register_backend("mine", "ggn", MyGGN)
+        assert "mine" in registry()
+        model, _, _ = model_data()
+        assert type(make_curvature(model, "classification", "mine")) is MyGGN
+        fisher = make_curvature(model, "classification", "mine:fisher")
+        assert isinstance(fisher, MyGGN) and fisher.stochastic
+        assert "mine" in curvlib.available()
+    finally:
+        _REGISTRY.pop("mine", None)
+    with pytest.raises(ValueError, match="known curvatures"):
+        curvlib.register_backend("mine", "laplace", MyGGN)
+
+
+def test_available_lists_capabilities():
+    table = curvlib.available()
+    auto = table["autograd"]
+    assert set(auto) == {"ggn", "fisher", "ef", "hessian"}
+    assert auto["ggn"]["structures"] == ["full", "diag", "kron"]
+    assert auto["ggn"]["modules"]["diag"] == "any"
+    assert "Linear" in auto["ggn"]["modules"]["kron"]
+    assert auto["hessian"]["structures"] == ["full", "diag"]
+
+
+def test_supports_per_parameter():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    report = supports(model, "autograd", "ggn", "kron")
+    assert not report.supported
+    uncovered = [r["name"] for r in report.rows if not r["covered"]]
+    assert uncovered == ["1.weight", "1.bias"]
+    assert "LayerNorm" in str(report)
+    assert supports(model, "autograd", "ggn", "diag").supported
+    report = supports(model, "autograd", "hessian", "kron")
+    assert not any(r["covered"] for r in report.rows)
+    model[1].requires_grad_(False)
+    assert supports(model, "autograd", "ggn", "kron").supported
+    with pytest.raises(ValueError, match="known structures"):
+        supports(model, "autograd", "ggn", "blockdiag")
