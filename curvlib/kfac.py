@@ -33,7 +33,18 @@ from torch.nn import functional as F
 
 from curvlib.errors import SharedParameterError, UnsupportedModuleError
 
-__all__ = ["KFAC_MODULES", "KronEntry", "kfac_entries", "capture_io", "unfold_input", "kfac"]
+__all__ = [
+    "KFAC_MODULES",
+    "KronEntry",
+    "LayerBackprop",
+    "kfac_entries",
+    "capture_io",
+    "unfold_input",
+    "backprop_to_layers",
+    "kfac",
+    "per_sample_products",
+    "squared_products",
+]
 
 #: Module types with a K-FAC rule here.
 KFAC_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -191,6 +202,64 @@ def _factors(
     return G, (a.T @ a) / (N * L)
 
 
+@dataclass
+class LayerBackprop:
+    """Inputs of each layer and the cotangents backpropagated to its output.
+
+    ``inputs[i]`` is the (detached) input of ``layers[i]``; ``grads[i]`` has shape
+    ``(K, B, *output.shape[1:])``: column ``k`` of the cotangents, pulled back to the
+    layer's output for every sample.
+    """
+
+    entries: list[KronEntry]
+    layers: list[nn.Module]
+    inputs: list[Tensor]
+    grads: list[Tensor]
+    f: Tensor
+
+
+def backprop_to_layers(
+    module: nn.Module,
+    inp: Any,
+    params: Sequence[Tensor],
+    cotangent_fn: Callable[[Tensor], Tensor],
+) -> LayerBackprop:
+    """Forward ``module(inp)`` recording its layers, then pull the cotangents back to them.
+
+    One forward pass with hooks (removed at once) and one batched ``torch.autograd.grad``
+    over the ``K`` cotangent columns; ``.grad`` is never touched.
+
+    Raises
+    ------
+    UnsupportedModuleError, SharedParameterError
+        Before any work, for a selected parameter outside :data:`KFAC_MODULES`; after the
+        forward pass, for a layer called more than once.
+    """
+    entries = kfac_entries(module, params)
+    layers = list({id(e.module): e.module for e in entries}.values())
+    with capture_io(layers) as store:
+        with torch.enable_grad():
+            f = module(inp)
+    for e in entries:
+        n_calls = len(store[id(e.module)].outputs)
+        if n_calls != 1:
+            raise SharedParameterError(
+                f"module {e.path or '<root>'!r} ({type(e.module).__name__}) was called "
+                f"{n_calls} times in one forward pass; per-layer rules need exactly one call "
+                "per layer"
+            )
+    from curvlib.likelihood import Likelihood
+
+    Likelihood.check_output(f)
+    cot = cotangent_fn(f.detach())
+    outs = [store[id(m)].outputs[0] for m in layers]
+    grads = torch.autograd.grad(
+        f, outs, grad_outputs=cot.transpose(0, 1).contiguous(), is_grads_batched=True
+    )
+    inputs = [store[id(m)].inputs[0] for m in layers]
+    return LayerBackprop(entries, layers, inputs, list(grads), f.detach())
+
+
 def kfac(
     module: nn.Module,
     inp: Any,
@@ -224,33 +293,70 @@ def kfac(
     kfacs : list of list of Tensor
         ``[G, A]`` per weight, ``[G]`` per bias, in ``params`` order.
     """
-    entries = kfac_entries(module, params)
-    layers = list({id(e.module): e.module for e in entries}.values())
-    with capture_io(layers) as store:
-        with torch.enable_grad():
-            f = module(inp)
-    for e in entries:
-        n_calls = len(store[id(e.module)].outputs)
-        if n_calls != 1:
-            raise SharedParameterError(
-                f"module {e.path or '<root>'!r} ({type(e.module).__name__}) was called "
-                f"{n_calls} times in one forward pass; K-FAC needs exactly one call per "
-                "layer. Use the diag or full structure"
-            )
-    from curvlib.likelihood import Likelihood
-
-    Likelihood.check_output(f)
-    cot = cotangent_fn(f.detach())
-    outs = [store[id(m)].outputs[0] for m in layers]
-    grads = torch.autograd.grad(
-        f, outs, grad_outputs=cot.transpose(0, 1).contiguous(), is_grads_batched=True
-    )
-    need_A = {id(e.module) for e in entries if e.kind == "weight"}
+    bp = backprop_to_layers(module, inp, params, cotangent_fn)
+    need_A = {id(e.module) for e in bp.entries if e.kind == "weight"}
     factors = {}
-    for m, g in zip(layers, grads, strict=True):
-        factors[id(m)] = _factors(m, store[id(m)].inputs[0], g, N, approx, id(m) in need_A)
+    for m, a, g in zip(bp.layers, bp.inputs, bp.grads, strict=True):
+        factors[id(m)] = _factors(m, a, g, N, approx, id(m) in need_A)
     kfacs = []
-    for e in entries:
+    for e in bp.entries:
         G, A = factors[id(e.module)]
         kfacs.append([G.clone(), A] if e.kind == "weight" else [G.clone()])
-    return f.detach(), kfacs
+    return bp.f, kfacs
+
+
+def _param_products(bp: LayerBackprop, per_layer: Callable) -> list[Tensor]:
+    """Apply ``per_layer(module, a, g) -> {"weight": t, "bias": t}`` and order by params."""
+    results = {}
+    for m, a, g in zip(bp.layers, bp.inputs, bp.grads, strict=True):
+        kinds = {e.kind for e in bp.entries if e.module is m}
+        results[id(m)] = per_layer(m, a, g, kinds)
+    return [results[id(e.module)][e.kind] for e in bp.entries]
+
+
+def per_sample_products(bp: LayerBackprop) -> Tensor:
+    r"""Per-sample products :math:`V_{n,k} = J_n^\top c_{n,k}`, shape ``(B, K, P)``.
+
+    For a layer with inputs ``a (B, L, r)`` and output cotangents ``g (K, B, L, out)``:
+    weight :math:`\sum_l g_{kbl} a_{bl}^\top`, bias :math:`\sum_l g_{kbl}`.
+    """
+
+    def layer(m: nn.Module, a: Tensor, g: Tensor, kinds: set[str]) -> dict[str, Tensor]:
+        a, g = _layer_tensors(m, a, g)
+        out = {}
+        if "weight" in kinds:
+            out["weight"] = torch.einsum("kblo,blr->bkor", g, a).flatten(2)
+        if "bias" in kinds:
+            out["bias"] = g.sum(2).transpose(0, 1)
+        return out
+
+    return torch.cat(_param_products(bp, layer), dim=2)
+
+
+def squared_products(bp: LayerBackprop, chunk_entries: int = 2**25) -> Tensor:
+    r"""Diagonal :math:`\sum_{n,k} V_{n,k}^2`, shape ``(P,)``, without forming ``V``.
+
+    Without weight sharing (``L = 1``) the weight part is
+    :math:`\sum_{n,k} g_{nk}^{\odot 2} (a_n^{\odot 2})^\top`, never per-sample gradients;
+    with weight sharing the per-sample gradients are formed for chunks of cotangent columns.
+    """
+
+    def layer(m: nn.Module, a: Tensor, g: Tensor, kinds: set[str]) -> dict[str, Tensor]:
+        a, g = _layer_tensors(m, a, g)
+        K, B, L, O = g.shape
+        out = {}
+        if "weight" in kinds:
+            if L == 1:
+                w = torch.einsum("kbo,br->or", g[:, :, 0].square(), a[:, 0].square())
+            else:
+                step = max(1, chunk_entries // max(1, B * O * a.shape[-1]))
+                w = sum(
+                    torch.einsum("kblo,blr->kbor", g[k : k + step], a).square().sum((0, 1))
+                    for k in range(0, K, step)
+                )
+            out["weight"] = w.flatten()
+        if "bias" in kinds:
+            out["bias"] = g.sum(2).square().sum((0, 1))
+        return out
+
+    return torch.cat(_param_products(bp, layer))

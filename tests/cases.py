@@ -40,6 +40,18 @@ class SeqModel(nn.Module):
         return self.head(self.act(self.proj(x)).sum(1))
 
 
+class TiedModel(nn.Module):
+    """One Linear layer called twice per forward (tied weights)."""
+
+    def __init__(self, d: int = 4, c: int = 3) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
 @dataclass
 class Case:
     name: str
@@ -129,6 +141,11 @@ CASES = [
         kron=False,
     ),
     Case("seq_cls", "classification", SeqModel, (3, 4), 3, batch=4),
+    # modules without per-layer rules: the generic torch.func path
+    Case("layernorm_reg", "regression",
+         lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)),
+         (4,), 2, kron=False),
+    Case("tied_cls", "classification", TiedModel, (4,), 3, kron=False),
 ]
 
 CASE_IDS = [c.name for c in CASES]

@@ -5,15 +5,19 @@ needs the layers of :data:`curvlib.kfac.KFAC_MODULES`.
 
 GGN, MC Fisher and EF share one computation: with cotangents ``c`` of shape ``(B, K, C)``
 whose outer products sum to the output-space matrix :math:`M_n` (see
-:mod:`curvlib.likelihood`), the per-sample products :math:`V_{n,k} = J_n^\top c_{n,k}` are one
-vmapped backward pass each, and
+:mod:`curvlib.likelihood`), the per-sample products :math:`V_{n,k} = J_n^\top c_{n,k}` are
+formed from module hooks where every selected parameter sits in a Linear / Conv layer
+(one forward, one backward batched over the ``K`` columns, then per-layer contractions of
+inputs and output cotangents; :mod:`curvlib.kfac`), and otherwise by one vmapped
+``torch.func`` backward pass per sample and column. Then
 
 * ``full`` :math:`= \sum_{n,k} V_{n,k} V_{n,k}^\top` (the dense ``N·K·P²`` contraction),
 * ``diag`` :math:`= \sum_{n,k} V_{n,k}^2` (never a ``P×P`` matrix; the exact GGN diagonal
   backpropagates the ``C`` columns of :math:`\Lambda^{1/2}`),
 * ``kron``: the cotangents are backpropagated to the layer outputs (:mod:`curvlib.kfac`).
 
-The batch is processed in chunks so that ``V`` stays within a fixed memory budget.
+The batch is processed in chunks so that ``V`` stays within a fixed memory budget; the
+per-layer diagonal never forms ``V`` for layers without weight sharing.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.errors import CapabilityError
-from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
-from curvlib.kfac import KFAC_MODULES, kfac
+from curvlib.errors import CapabilityError, SharedParameterError, UnsupportedModuleError
+from curvlib.interface import _CHUNK_ENTRIES, CurvatureInterface, EFInterface, GGNInterface
+from curvlib.kfac import (
+    KFAC_MODULES,
+    backprop_to_layers,
+    kfac,
+    per_sample_products,
+    squared_products,
+)
 from curvlib.kron import Kron
 
 __all__ = ["AutogradGGN", "AutogradEF", "AutogradHessian"]
@@ -42,16 +52,51 @@ class _AutogradProducts:
         "kron": KFAC_MODULES,
     }
 
-    def _products(self, x: Any, y: Tensor | None, generator: torch.Generator | None, op):
+    def _chunk_products(
+        self, inp: Any, y: Tensor, generator: torch.Generator | None, structure: str
+    ) -> tuple[Tensor, Tensor, int, bool]:
+        """``(f, part, K, light)`` for one chunk; ``light``: memory independent of P·B·K."""
+
+        def cotangents(f: Tensor) -> Tensor:
+            self.lik.check_target(f, y)
+            return self._cotangents(f, y, generator)
+
+        try:  # per-layer rules from module hooks: Linear / Conv layers, one call each
+            bp = backprop_to_layers(self._model, inp, self.params, cotangents)
+        except (UnsupportedModuleError, SharedParameterError):
+            bp = None  # another module owns a selected parameter: torch.func below
+        if bp is not None:
+            f, K = bp.f, bp.grads[0].shape[0]
+            if structure == "diag":
+                return f, self._select(squared_products(bp)), K, True
+            V = self._select(per_sample_products(bp))
+        else:
+            f = self._forward(inp)
+            cot = cotangents(f)
+            K = cot.shape[1]
+            V = self._select(self._per_sample_vjps(inp, cot))
+        if structure == "diag":
+            return f, V.pow(2).sum((0, 1)), K, False
+        V = V.flatten(0, 1)
+        return f, V.T @ V, K, False
+
+    def _products(
+        self, x: Any, y: Tensor | None, generator: torch.Generator | None, structure: str
+    ) -> tuple[Tensor, Tensor]:
         inp, y = self._prepare(x, y)
-        f = self._forward(inp)
-        self.lik.check_target(f, y)
-        cot = self._cotangents(f, y, generator)
-        out = None
-        for s in self._chunks(f.shape[0], cot.shape[1]):
-            part = op(self._select(self._per_sample_vjps(self._slice(inp, s), cot[s])))
+        B = self._batch_size(x)
+        size = min(B, max(1, _CHUNK_ENTRIES // (8 * self.num_params)))
+        start, loss, out = 0, 0.0, None
+        while start < B:
+            s = slice(start, min(B, start + size))
+            f, part, K, light = self._chunk_products(
+                self._slice(inp, s), y[s], generator, structure
+            )
+            loss = loss + self._loss(f, y[s])
             out = part if out is None else out + part
-        return self._loss(f, y), out
+            start = s.stop
+            size = B if light else max(1, _CHUNK_ENTRIES // (K * self.num_params))
+        return loss, out
 
     def full(
         self,
@@ -62,12 +107,7 @@ class _AutogradProducts:
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """Dense curvature ``(loss, H (P, P))``; ``generator`` seeds MC sampling."""
-
-        def gram(V: Tensor) -> Tensor:
-            V = V.flatten(0, 1)
-            return V.T @ V
-
-        return self._products(x, y, generator, gram)
+        return self._products(x, y, generator, "full")
 
     def diag(
         self,
@@ -78,7 +118,7 @@ class _AutogradProducts:
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """Diagonal ``(loss, h (P,))`` without forming any ``P×P`` matrix."""
-        return self._products(x, y, generator, lambda V: V.pow(2).sum((0, 1)))
+        return self._products(x, y, generator, "diag")
 
     def kron(
         self,
