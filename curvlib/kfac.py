@@ -253,9 +253,12 @@ def backprop_to_layers(
     Likelihood.check_output(f)
     cot = cotangent_fn(f.detach())
     outs = [store[id(m)].outputs[0] for m in layers]
-    grads = torch.autograd.grad(
-        f, outs, grad_outputs=cot.transpose(0, 1).contiguous(), is_grads_batched=True
-    )
+    if cot.shape[1] == 1:  # one column: a plain backward pass, no vmap
+        grads = [g.unsqueeze(0) for g in torch.autograd.grad(f, outs, cot[:, 0])]
+    else:
+        grads = torch.autograd.grad(
+            f, outs, grad_outputs=cot.transpose(0, 1).contiguous(), is_grads_batched=True
+        )
     inputs = [store[id(m)].inputs[0] for m in layers]
     return LayerBackprop(entries, layers, inputs, list(grads), f.detach())
 
@@ -345,15 +348,19 @@ def squared_products(bp: LayerBackprop, chunk_entries: int = 2**25) -> Tensor:
         a, g = _layer_tensors(m, a, g)
         K, B, L, O = g.shape
         out = {}
-        if "weight" in kinds:
-            if L == 1:
-                w = torch.einsum("kbo,br->or", g[:, :, 0].square(), a[:, 0].square())
-            else:
-                step = max(1, chunk_entries // max(1, B * O * a.shape[-1]))
-                w = sum(
-                    torch.einsum("kblo,blr->kbor", g[k : k + step], a).square().sum((0, 1))
-                    for k in range(0, K, step)
-                )
+        if L == 1:  # g is ours: square in place (large temporaries are slow to allocate)
+            g2 = g[:, :, 0].mul_(g[:, :, 0]).sum(0)  # (B, O)
+            if "weight" in kinds:
+                out["weight"] = (g2.T @ a[:, 0].square()).flatten()
+            if "bias" in kinds:
+                out["bias"] = g2.sum(0)
+            return out
+        if "weight" in kinds:  # weight sharing: per-sample gradients, chunks of columns
+            step = max(1, chunk_entries // max(1, B * O * a.shape[-1]))
+            w = 0
+            for k in range(0, K, step):
+                v = torch.einsum("kblo,blr->kbor", g[k : k + step], a)
+                w = w + v.mul_(v).sum((0, 1))
             out["weight"] = w.flatten()
         if "bias" in kinds:
             out["bias"] = g.sum(2).square().sum((0, 1))

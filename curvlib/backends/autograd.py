@@ -33,6 +33,7 @@ from curvlib.kfac import (
     KFAC_MODULES,
     backprop_to_layers,
     kfac,
+    kfac_entries,
     per_sample_products,
     squared_products,
 )
@@ -80,12 +81,23 @@ class _AutogradProducts:
         V = V.flatten(0, 1)
         return f, V.T @ V, K, False
 
+    def _layerwise(self) -> bool:
+        """Whether every selected parameter sits in a layer with a per-layer rule."""
+        try:
+            kfac_entries(self._model, self.params)
+        except (UnsupportedModuleError, SharedParameterError):
+            return False
+        return True
+
     def _products(
         self, x: Any, y: Tensor | None, generator: torch.Generator | None, structure: str
     ) -> tuple[Tensor, Tensor]:
         inp, y = self._prepare(x, y)
         B = self._batch_size(x)
-        size = min(B, max(1, _CHUNK_ENTRIES // (8 * self.num_params)))
+        if structure == "diag" and self._layerwise():
+            size = B  # memory independent of P: one pass
+        else:
+            size = min(B, max(1, _CHUNK_ENTRIES // (8 * self.num_params)))
         start, loss, out = 0, 0.0, None
         while start < B:
             s = slice(start, min(B, start + size))
