@@ -57,8 +57,12 @@ class CapabilityError(CurvlibError, NotImplementedError):
     """
 
 
-class NonFiniteError(CurvlibError, RuntimeError):
-    """A NaN or infinity appeared in the model output or in a curvature result."""
+class NonFiniteError(CurvlibError, ValueError, RuntimeError):
+    """A NaN or infinity in the inputs, the model output or a curvature result.
+
+    Both a ``ValueError`` (bad data) and a ``RuntimeError`` (a failed computation); the
+    message names the offending batch indices or module.
+    """
 
 
 class DecompositionError(CurvlibError, RuntimeError):

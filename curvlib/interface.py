@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from curvlib.errors import CapabilityError, InputError, TargetError, UnsupportedModuleError
+from curvlib.errors import (
+    CapabilityError,
+    InputError,
+    NonFiniteError,
+    TargetError,
+    UnsupportedModuleError,
+)
 from curvlib.likelihood import Likelihood, get_likelihood
 
 __all__ = [
@@ -36,6 +42,13 @@ __all__ = [
 
 STRUCTURES = ("full", "diag", "kron")
 KFAC_APPROX = ("expand", "reduce")
+
+# Modules whose training-mode forward couples samples or draws random numbers.
+_TRAIN_MODE_MODULES = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 # Upper bound on the number of entries of one per-sample product tensor (B, K, P) held at
 # once; larger batches are processed in chunks.
@@ -213,6 +226,20 @@ class CurvatureInterface:
         return sum(p.numel() for p in self.params)
 
     def _check_params(self) -> None:
+        ref = self._ref_param()
+        if ref.dtype in (torch.float16, torch.bfloat16):
+            raise InputError(
+                f"the model's parameters are {ref.dtype}; curvature is accumulated in the "
+                "model's dtype, which is too imprecise in half precision. Compute on a float32 "
+                "or float64 copy (e.g. copy.deepcopy(model).float())"
+            )
+        for path, mod in self._model.named_modules():
+            if mod.training and isinstance(mod, _TRAIN_MODE_MODULES):
+                raise InputError(
+                    f"module {path or '<root>'!r} ({type(mod).__name__}) is in training mode, "
+                    "where its output depends on randomness or on the other samples of the "
+                    "batch, so per-sample curvature is undefined; call model.eval() first"
+                )
         if self.num_params == 0:
             raise InputError(
                 f"{type(self.model).__name__} has no parameters with requires_grad=True"
@@ -290,6 +317,14 @@ class CurvatureInterface:
                 raise InputError(
                     f"every input tensor must have batch size {B} first, got {tuple(leaf.shape)}"
                 )
+            if torch.is_floating_point(leaf) and leaf.numel():
+                bad = ~torch.isfinite(leaf).reshape(B, -1).all(dim=1)
+                if bad.any():
+                    idx = bad.nonzero().flatten().tolist()
+                    raise NonFiniteError(
+                        f"the inputs contain NaN or infinite values at batch indices {idx[:10]}"
+                        + (" ..." if len(idx) > 10 else "")
+                    )
         if B == 0:
             raise InputError("the batch is empty (batch size 0)")
         return B

@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from curvlib.errors import LikelihoodError, TargetError
+from curvlib.errors import LikelihoodError, NonFiniteError, TargetError
 
 __all__ = ["Likelihood", "Regression", "Classification", "get_likelihood", "LIKELIHOODS"]
 
@@ -80,6 +80,14 @@ class Likelihood(ABC):
             raise TargetError(
                 f"the model output must have shape (batch, outputs), got {tuple(f.shape)}; "
                 "flatten or select the outputs in the model's forward"
+            )
+        bad = ~torch.isfinite(f.detach()).all(dim=1)
+        if bad.any():
+            idx = bad.nonzero().flatten().tolist()
+            raise NonFiniteError(
+                f"the model output is NaN or infinite for batch indices {idx[:10]}"
+                + (" ..." if len(idx) > 10 else "")
+                + "; check the inputs and the parameters of the model"
             )
 
     @abstractmethod

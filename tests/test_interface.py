@@ -242,3 +242,55 @@ def test_preserved_model_undoes_everything():
     ref.assert_same_state(before, ref.model_state(model))
     assert torch.equal(rng, torch.get_rng_state())
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+
+
+@pytest.mark.parametrize("method", ["full", "diag", "kron", "gradients"])
+def test_non_finite_inputs_and_outputs(method):
+    from curvlib import NonFiniteError
+
+    model, x, y = cls_data()
+    curv = (
+        AutogradGGN(model, "classification")
+        if method != "gradients"
+        else AutogradEF(model, "classification")
+    )
+    before = ref.model_state(model)
+    x_bad = x.clone()
+    x_bad[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"batch indices \[3\]"):
+        getattr(curv, method)(x_bad, y)
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    before = ref.model_state(model)
+    with pytest.raises(NonFiniteError, match="model output is NaN or infinite"):
+        getattr(curv, method)(x, y)
+    ref.assert_same_state(before, ref.model_state(model))
+    assert issubclass(NonFiniteError, ValueError) and issubclass(NonFiniteError, RuntimeError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused(dtype):
+    model = nn.Linear(3, 2).to(dtype)
+    with pytest.raises(InputError, match="float32 or float64 copy"):
+        AutogradGGN(model, "classification").diag(
+            torch.randn(4, 3, dtype=dtype), torch.zeros(4).long()
+        )
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.5), nn.BatchNorm1d(4)])
+def test_train_mode_randomness_or_batch_coupling_refused(layer):
+    model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randint(0, 2, (5,))
+    before = ref.model_state(model)
+    with pytest.raises(InputError, match=r"'1'.*training mode.*model.eval\(\)"):
+        AutogradGGN(model, "classification").diag(x, y)
+    ref.assert_same_state(before, ref.model_state(model))
+    model.eval()  # then it is the curvature of the evaluation-mode network
+    _, h = AutogradGGN(model, "classification").diag(x, y)
+    assert ref.rel_err(h, ref.ggn(model, x, y, "classification").diagonal()) < 1e-10
+
+
+def test_batch_of_one():
+    model, x, y = cls_data()
+    _, H = AutogradGGN(model, "classification").full(x[:1], y[:1])
+    assert ref.rel_err(H, ref.ggn(model, x[:1], y[:1], "classification")) < 1e-10
