@@ -5,6 +5,7 @@ Kronecker factors, through one interface (a drop-in for laplace-torch's
 ``laplace.curvature``) with three backends: pure autograd, BackPACK and ASDL.
 """
 
+from curvlib import functional, layers  # noqa: E402  (one-call helpers, per-layer analysis)
 from curvlib.backends import CURVATURES, backend_class, register_backend
 from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
 from curvlib.config import CurvatureConfig, available, make_curvature, supports
@@ -20,9 +21,11 @@ from curvlib.errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from curvlib.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace, lanczos
 from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
 from curvlib.kron import IndefiniteFactorError, Kron, KronDecomposed
 from curvlib.likelihood import Classification, Likelihood, Regression, get_likelihood
+from curvlib.linops import CurvatureOperator, curvature_operator
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,7 @@ __all__ = [
     "AutogradHessian",
     "CapabilityError",
     "CurvatureConfig",
+    "CurvatureOperator",
     "Classification",
     "CurvatureInterface",
     "CurvlibError",
@@ -53,7 +57,14 @@ __all__ = [
     "UnsupportedModuleError",
     "available",
     "backend_class",
+    "curvature_operator",
+    "functional",
     "get_likelihood",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "layers",
     "make_curvature",
     "register_backend",
     "supports",

@@ -1,0 +1,385 @@
+r"""Matrix-free curvature: the linear operator :math:`v \mapsto C v`, never forming ``C``.
+
+With :math:`f_n` the model output of sample ``n``, :math:`J_n = \partial f_n/\partial\theta`
+and the reported loss :math:`L = \sum_n \ell_n` (``factor * lossfunc``, DESIGN §3), the
+products on a batch are
+
+* exact GGN: :math:`G v = \sum_n J_n^\top \Lambda(f_n) (J_n v)` — a Jacobian-vector product
+  (``torch.func.jvp``), the output-space Hessian, a vector-Jacobian product (``vjp``);
+* MC Fisher (``stochastic=True``): :math:`F v = \sum_n J_n^\top \sum_s c_{n,s}
+  (c_{n,s}^\top J_n v)`, with the sampled cotangents :math:`c_{n,s} = \tilde g_{n,s} /
+  \sqrt S` drawn **once**, when the operator is built, so that it is a fixed symmetric
+  linear map (reproducible with ``generator``);
+* empirical Fisher: :math:`E v = \sum_n g_n (g_n^\top v) = \sum_n J_n^\top r_n (r_n^\top
+  J_n v)` with :math:`r_n = \nabla_{f_n} \ell_n` and :math:`g_n = J_n^\top r_n`;
+* Hessian: :math:`H v = \frac{d}{d\epsilon} \nabla_\theta L(\theta + \epsilon v)` at
+  :math:`\epsilon = 0`, forward-over-reverse (``jvp`` of ``grad``).
+
+Over a data set (any iterable of batches, e.g. a ``DataLoader``) the batch products are
+summed, and everything is multiplied by ``num_total_samples / num_curv_samples`` (laplax's
+convention; 1 unless ``num_total_samples`` is given). Columns of a ``(P, K)`` input are
+processed with ``torch.func.vmap``. ``v`` lives in the space of the selected parameters
+(last layer, ``subnetwork_indices``): it is embedded into the full parameter vector,
+multiplied, and the subnetwork's entries are returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from curvlib.errors import CapabilityError, InputError
+
+__all__ = ["CurvatureOperator", "curvature_operator"]
+
+_KINDS = {"ggn", "ef", "hessian"}
+
+
+def _is_data(x: Any) -> bool:
+    """Whether ``x`` is a data set (an iterable of batches) rather than one batch's input."""
+    atomic = (Tensor, Mapping, str, bytes)
+    return x is not None and not isinstance(x, atomic) and isinstance(x, Iterable)
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(x, y)`` of one batch of a data set: a pair ``(x, y)`` or a dict holding both."""
+    if isinstance(batch, Mapping):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise InputError(
+        "every batch of the data must be a pair (x, y) or a dict holding the targets under "
+        f"dict_key_y, got {type(batch).__name__}"
+    )
+
+
+class CurvatureOperator:
+    r"""The curvature of a model's loss as a matrix-free symmetric linear operator.
+
+    Build it with :func:`curvature_operator` or ``curv.operator(x, y)``. ``op @ v`` (also
+    ``op.matmul(v)`` and ``op(v)``) returns :math:`s\,C v` for ``v`` of shape ``(P,)`` or
+    ``(P, K)``, with ``C`` the curvature of ``curv`` summed over the data and ``s`` the
+    scale ``num_total_samples / num_curv_samples`` (times any scalar it was multiplied by:
+    ``2.0 * op`` is an operator too).
+
+    Attributes
+    ----------
+    shape : tuple[int, int]
+        ``(P, P)``, ``P`` the number of selected parameters (after ``subnetwork_indices``).
+    dtype, device
+        Those of the model's parameters; inputs are cast to them.
+    curvature : str
+        ``"ggn"``, ``"fisher"`` (MC), ``"ef"`` or ``"hessian"``.
+    scale : float
+        The constant ``s`` above.
+    """
+
+    def __init__(
+        self,
+        curv: Any,
+        x: Any = None,
+        y: Tensor | None = None,
+        *,
+        data: Iterable | None = None,
+        num_curv_samples: int | None = None,
+        num_total_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        create_graph: bool = False,
+        chunk_size: int = 8,
+    ) -> None:
+        name = curv.curvature_name()
+        if name not in _KINDS:
+            raise CapabilityError(
+                f"{type(curv).__name__} has curvature {name!r}; operators exist for {_KINDS}"
+            )
+        if data is None and _is_data(x):
+            if y is not None:
+                raise InputError("pass either a data set (as x or data=) or a batch x, y; not both")
+            x, data = None, x
+        if (data is None) == (x is None):
+            raise InputError("pass either one batch (x, y) or a data set (data=DataLoader)")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.curv = curv
+        self.curvature = "fisher" if getattr(curv, "stochastic", False) else name
+        self.create_graph = bool(create_graph)
+        self.chunk_size = chunk_size
+        self.progress = progress
+        curv._check_params()
+        ref = curv.params[0]
+        self.dtype, self.device = ref.dtype, ref.device
+        self._idx = curv._subnet()
+        self._P_full = curv.num_params
+        P = self._P_full if self._idx is None else int(self._idx.numel())
+        self.shape = (P, P)
+        self._data = data
+        self._batch: tuple[Any, Tensor] | None = None
+        self._samples: list[tuple[Tensor, Tensor]] | None = None
+        self._num_data: int | None = None
+        if data is None:
+            self._batch = self._checked(x, y)
+            self._num_data = curv._batch_size(x)
+        if self.curvature == "fisher":
+            self._samples = self._draw(generator)
+        if num_curv_samples is not None and num_curv_samples < 1:
+            raise ValueError(f"num_curv_samples must be positive, got {num_curv_samples}")
+        if num_total_samples is None:
+            self.scale = 1.0
+        else:
+            n_curv = self.num_data if num_curv_samples is None else num_curv_samples
+            self.scale = float(num_total_samples) / float(n_curv)
+
+    # -- data -----------------------------------------------------------------------------
+    def _to_device(self, t: Any) -> Any:
+        return tree_map(lambda a: a.to(self.device) if isinstance(a, Tensor) else a, t)
+
+    def _checked(self, x: Any, y: Tensor | None) -> tuple[Any, Tensor]:
+        """Validate one batch (one forward pass, before any product); ``(input, y)``."""
+        inp, y = self.curv._prepare(self._to_device(x), self._to_device(y))
+        f = self.curv._forward(inp)
+        self.curv.lik.check_target(f, y)
+        return inp, y
+
+    def _batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """``(input of curv._model, y)`` for every batch of the data."""
+        if self._batch is not None:
+            yield self._batch
+            return
+        it: Iterable = self._data
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="curvature product", leave=False)
+        for batch in it:
+            x, y = _split_batch(batch)
+            inp, y = self.curv._prepare(self._to_device(x), self._to_device(y))
+            yield inp, y
+
+    def _draw(self, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:
+        """MC cotangents of every batch, drawn once (with the batch's targets, to check
+        later that the data come in the same order)."""
+        out, n = [], 0
+        for inp, y in self._batches():
+            f = self.curv._forward(inp)
+            self.curv.lik.check_target(f, y)
+            out.append((self.curv._cotangents(f, y, generator), y.detach().clone()))
+            n += int(f.shape[0])
+        self._num_data = n
+        return out
+
+    @property
+    def num_data(self) -> int:
+        """``N_curv``: the number of data points the curvature is summed over."""
+        if self._num_data is None:
+            data = self._data
+            dataset = getattr(data, "dataset", None)
+            sampler = getattr(data, "sampler", None)
+            exact_len = not getattr(data, "drop_last", False) and hasattr(sampler, "__len__")
+            if dataset is not None and sampler is not None and exact_len:
+                n = len(sampler)
+            else:
+                n = sum(self.curv._batch_size(_split_batch(b)[0]) for b in data)
+            self._num_data = int(n)
+        return self._num_data
+
+    # -- products ---------------------------------------------------------------------------
+    def _batch_product(self, inp: Any, y: Tensor, V: Tensor, cot: Tensor | None) -> Tensor:
+        """``C_batch @ V`` for ``V`` of shape ``(P_full, K)`` (full parameter space)."""
+        curv, lik = self.curv, self.curv.lik
+        fn, params = curv._functional(detach=not self.create_graph)
+        names = list(params)
+        shapes = [params[n].shape for n in names]
+        sizes = [params[n].numel() for n in names]
+
+        def unflat(col: Tensor) -> dict[str, Tensor]:
+            parts = col.split(sizes)
+            return {n: c.view(s) for n, c, s in zip(names, parts, shapes, strict=True)}
+
+        def flat(d: dict[str, Tensor]) -> Tensor:
+            return torch.cat([d[n].reshape(-1) for n in names])
+
+        def out_fn(p: dict[str, Tensor]) -> Tensor:
+            return fn(p, inp)
+
+        if self.curvature == "hessian":
+            grad_fn = torch.func.grad(lambda p: lik.loss(out_fn(p), y))
+
+            def hvp(col: Tensor) -> Tensor:
+                return flat(torch.func.jvp(grad_fn, (params,), (unflat(col),))[1])
+
+            return torch.func.vmap(hvp, in_dims=1, out_dims=1)(V)
+
+        f, vjp_fn = torch.func.vjp(out_fn, params)
+        lik.check_output(f)
+
+        def jvp(col: Tensor) -> Tensor:
+            return torch.func.jvp(out_fn, (params,), (unflat(col),))[1]
+
+        JV = torch.func.vmap(jvp, in_dims=1)(V)  # (K, B, C)
+        f_m = f if self.create_graph else f.detach()
+        if self.curvature == "ggn":
+            W = torch.einsum("bcd,kbd->kbc", lik.hessian(f_m), JV)
+        else:
+            if cot is None:  # empirical Fisher: r_n = grad of sample n's loss term
+                cot = lik.ef_cotangents(f_m, y)
+            W = torch.einsum("bsc,bsd,kbd->kbc", cot, cot, JV)
+        (grads,) = torch.func.vmap(vjp_fn)(W)
+        return torch.cat([grads[n].flatten(1) for n in names], dim=1).T
+
+    def _full_product(self, V: Tensor) -> Tensor:
+        out, n = None, 0
+        samples = self._samples
+        for i, (inp, y) in enumerate(self._batches()):
+            n = i + 1
+            cot = None
+            if samples is not None:
+                if i >= len(samples) or not torch.equal(samples[i][1], y):
+                    raise InputError(
+                        "the data changed since the MC Fisher operator was built: its "
+                        "samples belong to the batches in their first order; iterate the "
+                        "data deterministically (DataLoader(shuffle=False))"
+                    )
+                cot = samples[i][0]
+            part = torch.cat(
+                [
+                    self._batch_product(inp, y, V[:, s : s + self.chunk_size], cot)
+                    for s in range(0, V.shape[1], self.chunk_size)
+                ],
+                dim=1,
+            )
+            out = part if out is None else out + part
+        if out is None:
+            raise InputError("the data set is empty (it yielded no batch)")
+        if samples is not None and n != len(samples):
+            raise InputError("the data has a different number of batches than when built")
+        return out
+
+    def matmul(self, v: Tensor) -> Tensor:
+        """``s C v`` for ``v`` of shape ``(P,)`` or ``(P, K)``; the result has ``v``'s shape."""
+        if not isinstance(v, Tensor):
+            raise InputError(f"v must be a torch.Tensor, got {type(v).__name__}")
+        P = self.shape[0]
+        if v.ndim not in (1, 2) or v.shape[0] != P:
+            raise InputError(f"v must have shape ({P},) or ({P}, K), got {tuple(v.shape)}")
+        V = v.to(device=self.device, dtype=self.dtype)
+        vector = V.ndim == 1
+        if vector:
+            V = V.unsqueeze(1)
+        if self._idx is not None:
+            V = V.new_zeros(self._P_full, V.shape[1]).index_copy(0, self._idx, V)
+        out = self._full_product(V)
+        if self._idx is not None:
+            out = out.index_select(0, self._idx)
+        out = out * self.scale
+        return out.squeeze(1) if vector else out
+
+    __matmul__ = matmul
+    __call__ = matmul
+
+    def __mul__(self, c: float) -> CurvatureOperator:
+        """The operator scaled by the real number ``c`` (no recomputation)."""
+        if isinstance(c, Tensor):
+            c = c.item()
+        if not isinstance(c, (int, float)):
+            return NotImplemented
+        new = copy.copy(self)
+        new.scale = self.scale * float(c)
+        return new
+
+    __rmul__ = __mul__
+
+    def to_dense(self) -> Tensor:
+        """The ``(P, P)`` matrix, by ``P`` products with unit vectors (for small ``P`` only)."""
+        return self @ torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out).
+
+        Inputs are cast to the operator's dtype and device, outputs to float64 on the CPU.
+        """
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(a: Any) -> Any:
+            t = torch.as_tensor(np.asarray(a, dtype=np.float64))
+            with torch.no_grad():
+                out = self @ t
+            return out.detach().cpu().double().numpy()
+
+        return LinearOperator(
+            self.shape, matvec=mv, rmatvec=mv, matmat=mv, rmatmat=mv, dtype=np.float64
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CurvatureOperator({self.curvature}, shape={self.shape}, dtype={self.dtype}, "
+            f"device={self.device}, scale={self.scale:g})"
+        )
+
+
+def curvature_operator(
+    curv: Any,
+    x: Any = None,
+    y: Tensor | None = None,
+    *,
+    data: Iterable | None = None,
+    num_curv_samples: int | None = None,
+    num_total_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    create_graph: bool = False,
+    chunk_size: int = 8,
+) -> CurvatureOperator:
+    r"""The matrix-free operator :math:`v \mapsto s\,C v` of a curvature object.
+
+    Parameters
+    ----------
+    curv : CurvatureInterface
+        Any curvature class (GGN — exact or MC with ``stochastic=True`` —, EF, Hessian); its
+        likelihood, last layer and subnetwork are used.
+    x, y : Tensor or dict, optional
+        One batch. ``x`` may instead be a data set: any iterable that is neither a tensor nor
+        a dict (a ``DataLoader``, a list of batches) is treated as ``data``.
+    data : Iterable, optional
+        Batches ``(x, y)`` (or dicts holding the targets under ``dict_key_y``), iterated on
+        every product, moved to the model's device. It must yield the same batches in the
+        same order each time (``shuffle=False``); the MC Fisher checks this.
+    num_curv_samples : int, optional
+        ``N_curv``, the number of data points in ``x`` / ``data`` (counted if not given).
+    num_total_samples : int, optional
+        ``N_total``: the products are multiplied by ``N_total / N_curv`` (laplax), e.g. to
+        extrapolate the curvature of a subset to the training set. Default: no scaling.
+    generator : torch.Generator, optional
+        Draws the MC Fisher's pseudo-targets, once, when the operator is built (without it
+        they come from the global RNG, as everywhere in curvlib).
+    progress : bool, default False
+        A progress bar for each pass over ``data``.
+    create_graph : bool, default False
+        Keep the graph to the model's parameters, so that results can be differentiated
+        (Λ(f) and r_n depend on the parameters too; MC samples are constants).
+    chunk_size : int, default 8
+        Columns of a ``(P, K)`` input vmapped at once (memory grows with it: each column
+        carries its own copy of the activations).
+
+    Returns
+    -------
+    CurvatureOperator
+    """
+    return CurvatureOperator(
+        curv,
+        x,
+        y,
+        data=data,
+        num_curv_samples=num_curv_samples,
+        num_total_samples=num_total_samples,
+        generator=generator,
+        progress=progress,
+        create_graph=create_graph,
+        chunk_size=chunk_size,
+    )
