@@ -160,7 +160,9 @@ def available() -> dict[str, dict[str, dict[str, Any]]]:
                 "class": cls.__name__,
                 "structures": list(cls.structures),
                 "modules": {s: _type_names(cls.supported_modules.get(s)) for s in cls.structures},
-                "all_leaf_modules_checked": cls.check_all_leaves,
+                "all_leaf_modules_checked": [
+                    s for s in cls.structures if cls.checks_all_leaves(s)
+                ],
                 "likelihoods": list(cls.likelihoods),
                 "dict_inputs": cls.dict_inputs,
                 "kfac_approx": list(cls.kfac_approximations) if "kron" in cls.structures else [],
@@ -220,7 +222,7 @@ def supports(
     has = structure in cls.structures
     types = cls.supported_modules.get(structure) if has else ()
     blocking = []
-    if has and types is not None and cls.check_all_leaves:
+    if has and types is not None and cls.checks_all_leaves(structure):
         for path, mod in module.named_modules():
             if not list(mod.children()) and not isinstance(mod, types):
                 blocking.append(f"{path or '<root>'} ({type(mod).__name__})")

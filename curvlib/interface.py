@@ -145,8 +145,15 @@ class CurvatureInterface:
     #: module). Checked before any work by :meth:`_check_modules`.
     supported_modules: ClassVar[dict[str, tuple[type[nn.Module], ...] | None]] = {}
     #: whether every leaf module must be supported (libraries that propagate quantities
-    #: module by module, like BackPACK), or only the modules owning selected parameters.
-    check_all_leaves: ClassVar[bool] = False
+    #: module by module, like BackPACK), or only the modules owning selected parameters;
+    #: a tuple names the structures for which every leaf is checked.
+    check_all_leaves: ClassVar[bool | tuple[str, ...]] = False
+
+    @classmethod
+    def checks_all_leaves(cls, structure: str) -> bool:
+        """Whether ``structure`` needs every leaf module supported (not only param owners)."""
+        flag = cls.check_all_leaves
+        return flag is True or (isinstance(flag, tuple) and structure in flag)
     #: likelihoods the backend handles.
     likelihoods: ClassVar[tuple[str, ...]] = ("classification", "regression")
     #: whether dict (HuggingFace-style) inputs are supported.
@@ -502,7 +509,7 @@ class CurvatureInterface:
             return
         owners = {id(p) for p in self.params}
         for path, mod in self._model.named_modules():
-            if self.check_all_leaves:
+            if self.checks_all_leaves(structure):
                 relevant = not list(mod.children())
             else:
                 relevant = any(id(p) in owners for p in mod.parameters(recurse=False))
@@ -529,7 +536,7 @@ class CurvatureInterface:
             + f"; backends that support it: {others or 'none'}"
             + (
                 " (or freeze its parameters / use last_layer=True)"
-                if names and not self.check_all_leaves
+                if names and not self.checks_all_leaves(structure)
                 else ""
             )
         )

@@ -42,6 +42,7 @@ __all__ = [
     "unfold_input",
     "backprop_to_layers",
     "kfac",
+    "layer_factors",
     "per_sample_products",
     "squared_products",
 ]
@@ -183,9 +184,14 @@ def _layer_tensors(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Ten
     return a, g.reshape(K, B, out, -1).transpose(2, 3)
 
 
-def _factors(
+def layer_factors(
     module: nn.Module, a: Tensor, g: Tensor, N: int, approx: str, need_A: bool
 ) -> tuple[Tensor, Tensor | None]:
+    """K-FAC factors ``(G, A)`` of one layer from its input and output cotangents.
+
+    ``a`` is the layer input, ``g`` the cotangents at its output ``(K, B, *out)``; ``A`` is
+    ``None`` unless ``need_A`` (see the module docstring for the two variants).
+    """
     a, g = _layer_tensors(module, a, g)
     L = a.shape[1]
     if approx == "reduce":
@@ -300,7 +306,7 @@ def kfac(
     need_A = {id(e.module) for e in bp.entries if e.kind == "weight"}
     factors = {}
     for m, a, g in zip(bp.layers, bp.inputs, bp.grads, strict=True):
-        factors[id(m)] = _factors(m, a, g, N, approx, id(m) in need_A)
+        factors[id(m)] = layer_factors(m, a, g, N, approx, id(m) in need_A)
     kfacs = []
     for e in bp.entries:
         G, A = factors[id(e.module)]

@@ -29,6 +29,11 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "ef": "curvlib.backends.autograd:AutogradEF",
         "hessian": "curvlib.backends.autograd:AutogradHessian",
     },
+    "backpack": {
+        "ggn": "curvlib.backends.backpack:BackPackGGN",
+        "ef": "curvlib.backends.backpack:BackPackEF",
+        "hessian": "curvlib.backends.backpack:BackPackHessian",
+    },
 }
 _FISHER_CACHE: dict[type, type] = {}
 
@@ -122,6 +127,8 @@ def backends_supporting_module(curvature: str, structure: str, module: Any) -> l
     for name in backends_supporting(curvature, structure):
         cls = backend_class(name, curvature)
         types = getattr(cls, "supported_modules", {}).get(structure)
-        if types is None or isinstance(module, types):
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        all_leaves = getattr(cls, "checks_all_leaves", lambda s: False)(structure)
+        if types is None or isinstance(module, types) or (not owns and not all_leaves):
             names.append(name)
     return names
