@@ -34,6 +34,11 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "ef": "curvlib.backends.backpack:BackPackEF",
         "hessian": "curvlib.backends.backpack:BackPackHessian",
     },
+    "asdl": {
+        "ggn": "curvlib.backends.asdl:AsdlGGN",
+        "ef": "curvlib.backends.asdl:AsdlEF",
+        "hessian": "curvlib.backends.asdl:AsdlHessian",
+    },
 }
 _FISHER_CACHE: dict[type, type] = {}
 
