@@ -9,6 +9,7 @@ from curvlib import functional, layers  # noqa: E402  (one-call helpers, per-lay
 from curvlib.backends import CURVATURES, backend_class, register_backend
 from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
 from curvlib.config import CurvatureConfig, available, make_curvature, supports
+from curvlib.data import fit
 from curvlib.errors import (
     CapabilityError,
     CurvlibError,
@@ -58,6 +59,7 @@ __all__ = [
     "available",
     "backend_class",
     "curvature_operator",
+    "fit",
     "functional",
     "get_likelihood",
     "hutchinson_diagonal",
