@@ -84,9 +84,9 @@ def test_two_ranks_equal_single_process(results, combo):
     got = results[0][name]
     try:
         ref = worker.single(*combo)
-    except (NotImplementedError, ValueError) as e:  # a capability the backend lacks
-        assert got["status"] == "error"
-        pytest.skip(f"{name}: {e}")
+    except (NotImplementedError, ValueError):  # a capability the backend lacks:
+        assert got["status"] == "error"  # the ranks must fail the same way
+        return
     assert got["status"] == "ok", got.get("traceback")
     assert got["N"] == worker.N_DATA
     assert_bit_identical(results, name)
