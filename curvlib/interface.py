@@ -452,7 +452,7 @@ class CurvatureInterface:
         saved = (self.last_layer, self.subnetwork_indices)
         self.last_layer, self.subnetwork_indices = True, None
         try:
-            return self.functorch_jacobians(x, enable_backprop)
+            return self.jacobians(x, enable_backprop)
         finally:
             self.last_layer, self.subnetwork_indices = saved
 

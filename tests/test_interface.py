@@ -143,10 +143,11 @@ def test_last_layer_requires_feature_extractor():
         AutogradGGN(nn.Linear(3, 2), "classification", last_layer=True)
 
 
-def test_last_layer_jacobians():
+@pytest.mark.parametrize("backend", sorted(registry()))
+def test_last_layer_jacobians(backend):
     case = next(c for c in CASES if c.last_layer)
     model, x, _, _ = case.make()
-    Js, f = AutogradGGN(model, "classification").last_layer_jacobians(x)
+    Js, f = backend_class(backend, "ggn")(model, "classification").last_layer_jacobians(x)
     J_ref, f_ref = ref.jacobians(model, x, last_layer=True)
     assert ref.rel_err(Js, J_ref) < 1e-10 and ref.rel_err(f, f_ref) < 1e-10
 
