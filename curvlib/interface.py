@@ -547,7 +547,8 @@ class CurvatureInterface:
         others = backends_supporting(self.curvature_name(), structure)
         return CapabilityError(
             f"backend {self.backend_name!r} cannot compute the {structure!r} structure of "
-            f"{self.curvature_name()!r}; backends that can: {others or 'none'}"
+            f"{self.curvature_name()!r}; backends that can: {others or 'none'}; structures "
+            f"{self.backend_name!r} offers for it: {list(self.structures)}"
         )
 
     @classmethod

@@ -140,3 +140,44 @@ def test_supports_per_parameter():
     assert supports(model, "autograd", "ggn", "kron").supported
     with pytest.raises(ValueError, match="known structures"):
         supports(model, "autograd", "ggn", "blockdiag")
+
+
+FULL_TABLE = [
+    (b, c, s)
+    for b, curvs in registry().items()
+    for c in curvs
+    for s in ("full", "diag", "kron")
+]
+
+
+@pytest.mark.parametrize("backend, curvature, structure", FULL_TABLE)
+def test_every_combination_works_or_names_an_alternative(backend, curvature, structure):
+    """Over the whole table: same numbers as autograd, or an error before any work."""
+    import reference as ref
+    from curvlib.backends import backends_supporting
+
+    model, x, y = model_data()
+    cls = curvlib.backend_class(backend, curvature)
+    curv = cls(model, "classification")
+    before = ref.model_state(model)
+    if structure in cls.structures:
+        g = torch.Generator().manual_seed(0)
+        _, got = getattr(curv, structure)(x, y, generator=g)
+        if curvature != "fisher":  # MC samples are drawn differently per backend
+            want_cls = curvlib.backend_class("autograd", curvature)
+            if structure in want_cls.structures:
+                _, want = getattr(want_cls(model, "classification"), structure)(x, y)
+                if structure == "kron":
+                    got, want = got.to_matrix(), want.to_matrix()
+                assert ref.rel_err(got, want) < 1e-7
+    else:
+        with pytest.raises(NotImplementedError) as info:
+            getattr(curv, structure)(x, y)
+        others = backends_supporting(curvature, structure)
+        msg = str(info.value)
+        assert backend in msg and repr(structure) in msg
+        if others:  # names a backend that can ...
+            assert any(repr(o) in msg for o in others)
+        else:  # ... or, where none can, the structures that exist
+            assert str(list(cls.structures)) in msg
+    ref.assert_same_state(before, ref.model_state(model))
