@@ -154,6 +154,7 @@ class CurvatureInterface:
         """Whether ``structure`` needs every leaf module supported (not only param owners)."""
         flag = cls.check_all_leaves
         return flag is True or (isinstance(flag, tuple) and structure in flag)
+
     #: likelihoods the backend handles.
     likelihoods: ClassVar[tuple[str, ...]] = ("classification", "regression")
     #: whether dict (HuggingFace-style) inputs are supported.
@@ -605,6 +606,19 @@ class GGNInterface(CurvatureInterface):
     def curvature_name(cls) -> str:
         return "ggn"
 
+    def _checked_targets(self, x: Any, y: Tensor | None) -> Tensor:
+        """Validate inputs and targets completely before the Jacobians are computed.
+
+        The checks that need the number of outputs (class range, regression shape) get the
+        output of one forward pass without graph, so that bad targets raise before any
+        backward pass.
+        """
+        inp, y = self._prepare(x, y)
+        with torch.no_grad():
+            f = self._forward(inp)
+        self.lik.check_target(f, y)
+        return y
+
     def _cotangents(self, f: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``(B, K, C)`` cotangents whose outer products sum to Λ (exact or sampled)."""
         if self.stochastic:
@@ -624,11 +638,8 @@ class GGNInterface(CurvatureInterface):
         Returns ``(loss, H)`` with ``H`` of shape ``(P, P)`` and ``loss`` the detached
         ``factor * lossfunc(f, y)``.
         """
-        B = self._check_x(x)
-        y = self._targets(x, y)
-        self._check_y_early(y, B)
+        y = self._checked_targets(x, y)
         Js, f = self.jacobians(x)
-        self.lik.check_target(f, y)
         V = torch.einsum("bkc,bcp->bkp", self._cotangents(f, y, generator), Js).flatten(0, 1)
         return self._loss(f, y), V.T @ V
 
@@ -641,11 +652,8 @@ class GGNInterface(CurvatureInterface):
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         r"""Diagonal :math:`\sum_{n,k} (J_n^\top c_{n,k})^2` with :math:`\sum_k c c^\top = M_n`."""
-        B = self._check_x(x)
-        y = self._targets(x, y)
-        self._check_y_early(y, B)
+        y = self._checked_targets(x, y)
         Js, f = self.jacobians(x)
-        self.lik.check_target(f, y)
         V = torch.einsum("bkc,bcp->bkp", self._cotangents(f, y, generator), Js)
         return self._loss(f, y), V.pow(2).sum((0, 1))
 

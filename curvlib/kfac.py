@@ -116,18 +116,35 @@ def kfac_entries(
 class _IO:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
+    versions: list[tuple[int, int]] = field(default_factory=list)
+
+    def modified(self) -> bool:
+        """Whether a later in-place operation changed a recorded input or output."""
+        return any(
+            (a._version, o._version) != v
+            for a, o, v in zip(self.inputs, self.outputs, self.versions, strict=True)
+        )
 
 
 @contextmanager
-def capture_io(modules: Sequence[nn.Module]) -> Iterator[dict[int, _IO]]:
-    """Record each module's input and output during a forward pass; hooks always removed."""
+def capture_io(modules: Sequence[nn.Module], protect: bool = False) -> Iterator[dict[int, _IO]]:
+    """Record each module's input and output during a forward pass; hooks always removed.
+
+    With ``protect=True`` the module passes a copy of its output on (and a copy of its input
+    is recorded), so that in-place operations later in the forward pass (``ReLU(inplace=True)``,
+    ``x += ...``) cannot change what was recorded; :meth:`_IO.modified` tells whether that
+    happened without it.
+    """
     store: dict[int, _IO] = {id(m): _IO() for m in modules}
     handles = []
 
-    def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+    def hook(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         rec = store[id(mod)]
-        rec.inputs.append(args[0].detach())
+        a = args[0].detach()
+        rec.inputs.append(a.clone() if protect else a)
         rec.outputs.append(out)
+        rec.versions.append((rec.inputs[-1]._version, out._version))
+        return out.clone() if protect and isinstance(out, Tensor) else None
 
     try:
         for m in modules:
@@ -233,7 +250,9 @@ def backprop_to_layers(
     """Forward ``module(inp)`` recording its layers, then pull the cotangents back to them.
 
     One forward pass with hooks (removed at once) and one batched ``torch.autograd.grad``
-    over the ``K`` cotangent columns; ``.grad`` is never touched.
+    over the ``K`` cotangent columns; ``.grad`` is never touched. If an in-place operation
+    later in the forward pass modified a layer's output or input, the forward pass is run a
+    second time with copies of the layer outputs (see :func:`capture_io`).
 
     Raises
     ------
@@ -243,9 +262,15 @@ def backprop_to_layers(
     """
     entries = kfac_entries(module, params)
     layers = list({id(e.module): e.module for e in entries}.values())
-    with capture_io(layers) as store:
-        with torch.enable_grad():
-            f = module(inp)
+    for protect in (False, True):
+        with capture_io(layers, protect) as store:
+            with torch.enable_grad():
+                f = module(inp)
+        # an in-place operation after a layer (ReLU(inplace=True), x += ...) changed its
+        # recorded output or input: gradients w.r.t. that output would be wrong, so run the
+        # forward pass again with the layers' outputs copied
+        if not any(store[id(m)].modified() for m in layers):
+            break
     for e in entries:
         n_calls = len(store[id(e.module)].outputs)
         if n_calls != 1:
@@ -354,8 +379,12 @@ def squared_products(bp: LayerBackprop, chunk_entries: int = 2**25) -> Tensor:
         a, g = _layer_tensors(m, a, g)
         K, B, L, O = g.shape
         out = {}
-        if L == 1:  # g is ours: square in place (large temporaries are slow to allocate)
-            g2 = g[:, :, 0].mul_(g[:, :, 0]).sum(0)  # (B, O)
+        if L == 1:
+            # square in place where g owns its memory (large temporaries are slow to
+            # allocate); the output layer's g is the cotangent itself, which may be an
+            # expanded view (regression with one output: stride 0 over the batch)
+            g0 = g[:, :, 0]
+            g2 = (g0.mul_(g0) if g0.is_contiguous() else g0 * g0).sum(0)  # (B, O)
             if "weight" in kinds:
                 out["weight"] = (g2.T @ a[:, 0].square()).flatten()
             if "bias" in kinds:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -401,7 +402,9 @@ class Kron:
             A factor has eigenvalues below :math:`-\tau` and above :math:`\tau` (indefinite
             beyond round-off); the message names the entry and the factor shape.
         DecompositionError (a RuntimeError)
-            ``eigh`` failed, or a factor is not finite; the message names entry and shape.
+            ``eigh`` failed twice (a failure is retried once, with a ``RuntimeWarning``, in
+            float64 on the CPU with the factor scaled to unit max-norm), or a factor is not
+            finite; the message names entry and shape.
         """
         eigvecs: list[list[Tensor | None]] = []
         eigvals: list[list[Tensor]] = []
@@ -533,6 +536,32 @@ class Kron:
         return cls(state_dict["kfacs"])
 
 
+def _eigh_retry(i: int, shape: tuple, f64: Tensor, err: Exception) -> tuple[Tensor, Tensor]:
+    r"""Second attempt after ``eigh`` failed: float64 on the CPU, scaled to unit max-norm.
+
+    ``eigh`` is scale-equivariant (:math:`F = s\,Q \operatorname{diag}(\lambda/s) Q^\top`),
+    and LAPACK on the CPU converges where a GPU solver or badly scaled entries may not.
+    Warns (``RuntimeWarning``); raises :class:`DecompositionError` naming the entry and the
+    factor shape if this fails too.
+    """
+    warnings.warn(
+        f"eigh failed on Kron entry {i}, factor of shape {shape} ({err}); retrying in "
+        "float64 on the CPU with the factor scaled to unit max-norm",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    s = f64.detach().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    try:
+        lam, Q = torch.linalg.eigh((f64 / s).cpu())
+    except torch.linalg.LinAlgError as err2:
+        raise DecompositionError(
+            f"eigh failed on Kron entry {i}, factor of shape {shape}, also on the retry in "
+            f"float64 on the CPU: {err2}. Entry {i} is the curvature of selected parameter "
+            f"tensor {i} (parameters() order); check that factor for extreme values"
+        ) from err2
+    return (lam * s.cpu()).to(f64.device), Q.to(f64.device)
+
+
 def _eigh_factor(i: int, f: Tensor, rtol: float | None) -> tuple[Tensor, Tensor | None]:
     """Eigenvalues (clamped, see :meth:`Kron.decompose`) and eigenvectors of one factor."""
     shape = tuple(f.shape)
@@ -549,9 +578,7 @@ def _eigh_factor(i: int, f: Tensor, rtol: float | None) -> tuple[Tensor, Tensor 
         try:
             lam, Q = torch.linalg.eigh(f64)
         except torch.linalg.LinAlgError as err:
-            raise DecompositionError(
-                f"eigh failed on Kron entry {i}, factor of shape {shape}: {err}"
-            ) from err
+            lam, Q = _eigh_retry(i, shape, f64, err)
     n = lam.shape[0]
     if n > 0:
         eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo().eps

@@ -140,9 +140,12 @@ class _AsdlBase:
             if any(id(p) in owners for p in m.parameters(recurse=False))
         ]
 
-    def _check_asdl(self, structure: str) -> None:
+    def _check_asdl(self, structure: str, types: tuple[type[nn.Module], ...] | None = None) -> None:
         """Raise for anything ASDL would skip or get wrong, before any work.
 
+        ``types`` overrides ``supported_modules[structure]`` (the per-sample products behind
+        ``jacobians``/``gradients`` need :data:`ASDL_MODULES` whatever the curvature, also
+        for the Hessian class, whose ``supported_modules`` are ``None``: any module).
         Beyond the type check of ``supported_modules``: tied parameters, parameters other
         than ``weight``/``bias``, subclasses overriding ``forward``, Conv2d with groups,
         dilation, string padding or non-zero padding mode, normalization layers without
@@ -160,8 +163,10 @@ class _AsdlBase:
                         f"and {path or '<root>'!r}; ASDL treats them as separate parameters. "
                         "Use backend 'autograd'"
                     )
-        types = self.supported_modules[structure]
+        types = self.supported_modules[structure] if types is None else types
         for path, m in self._owning_modules():
+            if not isinstance(m, types):
+                raise self._unsupported_module(path, m, structure)
             detail = _asdl_problem(m, types)
             if detail:
                 raise self._unsupported_module(path, m, structure, detail)
@@ -272,7 +277,7 @@ class _AsdlBase:
                 "functorch_jacobians"
             )
         inp, _ = self._prepare(x, need_y=False)
-        self._check_asdl("full")
+        self._check_asdl("full", ASDL_MODULES)
 
         def eye(f: Tensor) -> Tensor:
             return torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand(f.shape[0], -1, -1)
@@ -287,7 +292,7 @@ class _AsdlBase:
         ``factor``, as laplace-torch); ``loss`` is that sum, detached.
         """
         inp, y = self._prepare(x, y)
-        self._check_asdl("full")
+        self._check_asdl("full", ASDL_MODULES)
         f, G = self._asdl_vjps(inp, y, lambda f: self.lik.ef_cotangents(f, y) / self.factor)
         return self._select(G[:, 0]), self.lossfunc(f, y).detach()
 
@@ -370,8 +375,10 @@ class _AsdlFisher(_AsdlBase):
 
         ftype = self._fisher_type()
         n_mc = self.num_samples if getattr(self, "stochastic", False) else 1
-        seed = None
+        seed, rng_before = None, None
         if self.curvature_name() == "ggn" and self.stochastic:
+            if generator is None:
+                rng_before = torch.get_rng_state()
             # drawn outside the session, so that generator=None advances the global RNG once
             dev = generator.device if generator is not None else torch.device("cpu")
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
@@ -384,17 +391,22 @@ class _AsdlFisher(_AsdlBase):
             **_FISHER_ATTRS,
         )
         shared = "keep" if structure == "kron" else "raise"
-        with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
-            fm = get_fisher_maker(self._model, cfg)
-            dummy = fm.setup_model_call(model_fn, inp)
-            # used by the EF only; ASDL needs a loss with `reduction` (forced to "sum"), so
-            # it gets lossfunc and the EF is rescaled by factor**2 below
-            fm.setup_loss_call(self.lossfunc, dummy, y)
-            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-                if seed is not None:
-                    torch.manual_seed(seed)  # ASDL samples from the global generators
-                f, _ = fm.forward_and_backward()
-            result = read(self._model, _FISHER_ATTRS["fisher_attr"])
+        try:
+            with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
+                fm = get_fisher_maker(self._model, cfg)
+                dummy = fm.setup_model_call(model_fn, inp)
+                # used by the EF only; ASDL needs a loss with `reduction` (forced to "sum"),
+                # so it gets lossfunc and the EF is rescaled by factor**2 below
+                fm.setup_loss_call(self.lossfunc, dummy, y)
+                with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                    if seed is not None:
+                        torch.manual_seed(seed)  # ASDL samples from the global generators
+                    f, _ = fm.forward_and_backward()
+                result = read(self._model, _FISHER_ATTRS["fisher_attr"])
+        except BaseException:
+            if rng_before is not None:  # a failed call leaves the global RNG as it was
+                torch.set_rng_state(rng_before)
+            raise
         return f.detach(), result, L
 
     def _dense(self, x: Any, y: Tensor | None, generator, structure: str, **kw: Any):
