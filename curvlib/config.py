@@ -160,9 +160,7 @@ def available() -> dict[str, dict[str, dict[str, Any]]]:
                 "class": cls.__name__,
                 "structures": list(cls.structures),
                 "modules": {s: _type_names(cls.supported_modules.get(s)) for s in cls.structures},
-                "all_leaf_modules_checked": [
-                    s for s in cls.structures if cls.checks_all_leaves(s)
-                ],
+                "all_leaf_modules_checked": [s for s in cls.structures if cls.checks_all_leaves(s)],
                 "likelihoods": list(cls.likelihoods),
                 "dict_inputs": cls.dict_inputs,
                 "kfac_approx": list(cls.kfac_approximations) if "kron" in cls.structures else [],

@@ -142,9 +142,14 @@ CASES = [
     ),
     Case("seq_cls", "classification", SeqModel, (3, 4), 3, batch=4),
     # modules without per-layer rules: the generic torch.func path
-    Case("layernorm_reg", "regression",
-         lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)),
-         (4,), 2, kron=False),
+    Case(
+        "layernorm_reg",
+        "regression",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)),
+        (4,),
+        2,
+        kron=False,
+    ),
     Case("tied_cls", "classification", TiedModel, (4,), 3, kron=False),
 ]
 

@@ -143,10 +143,7 @@ def test_supports_per_parameter():
 
 
 FULL_TABLE = [
-    (b, c, s)
-    for b, curvs in registry().items()
-    for c in curvs
-    for s in ("full", "diag", "kron")
+    (b, c, s) for b, curvs in registry().items() for c in curvs for s in ("full", "diag", "kron")
 ]
 
 
@@ -154,6 +151,7 @@ FULL_TABLE = [
 def test_every_combination_works_or_names_an_alternative(backend, curvature, structure):
     """Over the whole table: same numbers as autograd, or an error before any work."""
     import reference as ref
+
     from curvlib.backends import backends_supporting
 
     model, x, y = model_data()
