@@ -8,6 +8,9 @@ predictive, and saves a figure of per-layer curvature and the K-FAC spectrum.
 
 ``curvlib info``  prints versions and the capability table.
 
+``curvlib bench [--quick] [--workloads ...] [--out results.json] [--threads N]``  times every
+backend × curvature × structure against laplace-torch's backends (:mod:`curvlib.benchmark`).
+
 Errors (unknown backend, missing optional extra) are one line on stderr and exit status 2.
 """
 
@@ -316,6 +319,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench --------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from curvlib import benchmark
+
+    try:
+        result = benchmark.run(args.workloads, args.quick, args.out, args.threads)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    print(benchmark.markdown(result))
+    print(
+        f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')} in {result['seconds']:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlib", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -332,6 +351,13 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions and capability table")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    from curvlib.benchmark import add_arguments
+
+    b = sub.add_parser(
+        "bench", help="time every backend against laplace-torch's (docs/performance.md)"
+    )
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 
