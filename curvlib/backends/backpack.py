@@ -14,7 +14,7 @@ quantity                   computation
                            :class:`~curvlib.EFInterface`)
 ``diag`` (GGN / MC)        ``DiagGGNExact`` / ``DiagGGNMC``:
                            :math:`\sum_{n,k} (J_n^\top c_{n,k})^2`
-``diag`` (EF)              :math:`\sum_n g_n^2` from the ``BatchGrad`` per-sample gradients
+``diag`` (EF)              :math:`\sum_n g_n^2` by ``SumGradSquared``
 ``kron`` (GGN / MC / EF)   ``KFLR`` / ``KFAC`` backpropagation of the cotangents
                            :math:`c_{n,k}`; factors by :mod:`curvlib.kfac` (DESIGN §4)
 ``diag`` (Hessian)         ``DiagHessian``
@@ -73,7 +73,15 @@ from typing import Any, ClassVar
 import torch
 from backpack import backpack, extend
 from backpack.context import CTX
-from backpack.extensions import KFAC, KFLR, BatchGrad, DiagGGNExact, DiagGGNMC, DiagHessian
+from backpack.extensions import (
+    KFAC,
+    KFLR,
+    BatchGrad,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    SumGradSquared,
+)
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.hbp.convnd import HBPConvNd
@@ -618,9 +626,10 @@ class BackPackGGN(_BackPackKron, GGNInterface):
 class BackPackEF(_BackPackKron, EFInterface):
     r"""Empirical Fisher :math:`\sum_n g_n g_n^\top` with BackPACK.
 
-    ``full`` and ``diag`` come from the ``BatchGrad`` per-sample gradients
-    (:class:`~curvlib.EFInterface`); ``kron`` backpropagates the loss gradient through
-    ``KFLR`` (the K-FAC of the EF, which BackPACK itself does not offer).
+    ``full`` comes from the ``BatchGrad`` per-sample gradients
+    (:class:`~curvlib.EFInterface`), ``diag`` from ``SumGradSquared``; ``kron``
+    backpropagates the loss gradient through ``KFLR`` (the K-FAC of the EF, which BackPACK
+    itself does not offer).
     """
 
     check_all_leaves: ClassVar[tuple[str, ...]] = ("kron",)
@@ -636,10 +645,27 @@ class BackPackEF(_BackPackKron, EFInterface):
         "kron": "KFLR",
     }
 
-    def diag(self, x: Any, y: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        r"""Diagonal EF :math:`\sum_n g_n^2` from the ``BatchGrad`` per-sample gradients."""
+    def diag(
+        self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        r"""Diagonal EF :math:`\sum_n g_n^2` by ``SumGradSquared``.
+
+        BackPACK sums the squared per-sample gradients of ``lossfunc`` layer by layer
+        without storing them; the reported loss's terms are ``factor`` times those, so the
+        sum is scaled by ``factor**2``.
+        """
         self._check_modules("diag")
-        return super().diag(x, y, **kwargs)
+        inp, y = self._prepare(x, y)
+        owners = self._owner_modules()
+        with self._extended([m for _, m in owners], None) as records:
+            f = self._forward(inp.detach(), grad=True)
+            self.lik.check_target(f, y)
+            self._check_calls(records, owners, "diag")
+            loss = self.lossfunc(f, y)
+            with backpack(SumGradSquared()):
+                torch.autograd.grad(loss, self.params, allow_unused=True)
+            h = self._gather(records, "sum_grad_squared", 1)[0]
+        return self._loss(f, y), self._select(h * self.factor**2)
 
 
 class BackPackHessian(_BackPack, CurvatureInterface):
