@@ -26,9 +26,12 @@ Conversions to curvlib's conventions (DESIGN §3/§4), measured against brute fo
 * Exact GGN: ASDL backpropagates :math:`\sum_n f_{n,i}` per output (regression,
   :math:`\Lambda = I`) or :math:`\sum_n \sqrt{p_{n,i}}\,(-\log p_{n,i})` per class
   (classification, :math:`\Lambda = \mathrm{diag}(p) - pp^\top`): no conversion.
-* MC Fisher: ASDL divides each sampled loss by ``n_mc_samples`` *before* squaring, so it
-  returns :math:`\frac{1}{S^2}\sum_s \tilde g_s \tilde g_s^\top`; curvlib multiplies by
-  :math:`S` to get the mean :math:`\frac1S\sum_s \tilde g_s \tilde g_s^\top`.
+* MC Fisher: ASDL's own ``FISHER_MC`` samples from the global RNG and is off by
+  :math:`1/S` (it divides each sampled loss by ``n_mc_samples`` before squaring). curvlib
+  does not use it: the pseudo-targets :math:`\tilde y` are drawn by curvlib's likelihood from
+  the call's ``generator`` (the same draws as every backend), and the MC Fisher is ASDL's EF
+  (``FISHER_EMP``) of the batch repeated :math:`S` times with targets :math:`\tilde y`,
+  divided by :math:`S` (for K-FAC, ``A`` too).
 * EF and Hessian: the maker is given curvlib's reported loss ``factor * lossfunc`` itself,
   so no factor appears (ASDL's own MSE EF would be 4 times curvlib's).
 * K-FAC: ASDL's ``kron.B`` is :math:`G = \sum_{n,l} g g^\top` (all output columns and
@@ -348,13 +351,13 @@ class _AsdlFisher(_AsdlBase):
     def _scale(self) -> float:
         """Factor from ASDL's ``G`` (or full/diag) to curvlib's convention.
 
-        MC Fisher: ASDL divides each sample's loss by ``n_mc_samples`` before squaring, so
-        multiply by ``num_samples``. EF: ASDL squares gradients of ``lossfunc``, curvlib of
-        ``factor * lossfunc``, so multiply by ``factor**2``.
+        EF: ASDL squares gradients of ``lossfunc``, curvlib of ``factor * lossfunc``, so
+        multiply by ``factor**2``. MC Fisher: the EF at ``num_samples`` pseudo-targets per
+        point (see :meth:`_run_fisher`), so also divide by ``num_samples``.
         """
         if self.curvature_name() == "ef":
             return self.factor**2
-        return self.num_samples if self.stochastic else 1
+        return self.factor**2 / self.num_samples if self.stochastic else 1
 
     def _run_fisher(
         self,
@@ -374,40 +377,45 @@ class _AsdlFisher(_AsdlBase):
         from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
 
         ftype = self._fisher_type()
-        n_mc = self.num_samples if getattr(self, "stochastic", False) else 1
-        seed, rng_before = None, None
+        f0 = None
         if self.curvature_name() == "ggn" and self.stochastic:
-            if generator is None:
-                rng_before = torch.get_rng_state()
-            # drawn outside the session, so that generator=None advances the global RNG once
-            dev = generator.device if generator is not None else torch.device("cpu")
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
+            # The MC Fisher as the EF at pseudo-targets drawn by curvlib's likelihood (the
+            # same draws as every other backend, from `generator`): the gradient of the loss
+            # at y~ is the sampled cotangent g~, so sum_s J^T g~ g~^T J / S is ASDL's EF of
+            # the batch repeated S times with targets y~, over S.
+            from asdl.matrices import FISHER_EMP
+
+            S = self.num_samples
+            f0 = self._forward(inp)
+            self.lik.check_target(f0, y)
+            g = self.lik.sample_grad_outputs(f0, S, generator)  # (B, S, C)
+            if self.likelihood == "classification":
+                y = g.argmin(-1).flatten()  # g~ = p - e_y~: its one negative entry is y~
+            else:
+                y = (f0.unsqueeze(1) - g).flatten(0, 1)  # g~ = f - y~
+            inp = tree_map(
+                lambda t: t.repeat_interleave(S, dim=0) if isinstance(t, Tensor) else t, inp
+            )
+            ftype = FISHER_EMP
         cfg = FisherConfig(
             fisher_type=ftype,
             fisher_shapes=[shape],
             loss_type=LOSS_MSE if self.likelihood == "regression" else LOSS_CROSS_ENTROPY,
-            n_mc_samples=n_mc,
+            n_mc_samples=1,
             data_size=1,
             **_FISHER_ATTRS,
         )
         shared = "keep" if structure == "kron" else "raise"
-        try:
-            with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
-                fm = get_fisher_maker(self._model, cfg)
-                dummy = fm.setup_model_call(model_fn, inp)
-                # used by the EF only; ASDL needs a loss with `reduction` (forced to "sum"),
-                # so it gets lossfunc and the EF is rescaled by factor**2 below
-                fm.setup_loss_call(self.lossfunc, dummy, y)
-                with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-                    if seed is not None:
-                        torch.manual_seed(seed)  # ASDL samples from the global generators
-                    f, _ = fm.forward_and_backward()
-                result = read(self._model, _FISHER_ATTRS["fisher_attr"])
-        except BaseException:
-            if rng_before is not None:  # a failed call leaves the global RNG as it was
-                torch.set_rng_state(rng_before)
-            raise
-        return f.detach(), result, L
+        with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
+            fm = get_fisher_maker(self._model, cfg)
+            dummy = fm.setup_model_call(model_fn, inp)
+            # used by the EF (and the MC Fisher); ASDL needs a loss with `reduction` (forced
+            # to "sum"), so it gets lossfunc and the result is rescaled by factor**2
+            fm.setup_loss_call(self.lossfunc, dummy, y)
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                f, _ = fm.forward_and_backward()  # ASDL draws nothing here
+            result = read(self._model, _FISHER_ATTRS["fisher_attr"])
+        return (f if f0 is None else f0).detach(), result, L
 
     def _dense(self, x: Any, y: Tensor | None, generator, structure: str, **kw: Any):
         from asdl.matrices import SHAPE_DIAG, SHAPE_FULL
@@ -545,7 +553,10 @@ class _AsdlFisher(_AsdlBase):
             G, A = factors[id(m)]
             G = G * scale
             if kind == "weight":
-                kfacs.append([G, A / (N * (L[id(m)] if isinstance(m, nn.Linear) else 1))])
+                # the MC batch is repeated num_samples times (see _run_fisher)
+                reps = self.num_samples if getattr(self, "stochastic", False) else 1
+                L_m = L[id(m)] if isinstance(m, nn.Linear) else 1
+                kfacs.append([G, A / (N * L_m * reps)])
             else:
                 kfacs.append([G.clone()])
         return self._loss(f, y), Kron(kfacs)
@@ -565,7 +576,8 @@ class _AsdlFisher(_AsdlBase):
 
 
 class AsdlGGN(_AsdlFisher, GGNInterface):
-    """GGN (exact, ``FISHER_EXACT``) and MC Fisher (``stochastic=True``, ``FISHER_MC``)
+    """GGN (exact, ``FISHER_EXACT``) and MC Fisher (``stochastic=True``, ``FISHER_EMP`` at
+    pseudo-targets drawn by curvlib's likelihood)
     with the ASDL backend; see the module docstring for the conversions."""
 
 
