@@ -165,6 +165,8 @@ def available() -> dict[str, dict[str, dict[str, Any]]]:
                 "dict_inputs": cls.dict_inputs,
                 "kfac_approx": list(cls.kfac_approximations) if "kron" in cls.structures else [],
             }
+            if hasattr(cls, "preferences"):  # backend "auto": which backend it picks
+                table[name][curv]["picks"] = {s: list(b) for s, b in cls.preferences().items()}
     return table
 
 

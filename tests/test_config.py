@@ -179,3 +179,29 @@ def test_every_combination_works_or_names_an_alternative(backend, curvature, str
         else:  # ... or, where none can, the structures that exist
             assert str(list(cls.structures)) in msg
     ref.assert_same_state(before, ref.model_state(model))
+
+
+def test_auto_backend_picks_backpack_for_the_hessian_diagonal():
+    import reference as ref
+
+    model, x, y = model_data()
+    auto = make_curvature(model, "classification", "auto:hessian")
+    assert auto.preferences()["diag"] == ("backpack", "autograd")
+    _, h = auto.diag(x, y)
+    _, h_bp = curvlib.backend_class("backpack", "hessian")(model, "classification").diag(x, y)
+    assert torch.equal(h, h_bp)
+    assert ref.rel_err(h, ref.hessian(model, x, y, "classification").diagonal()) < 1e-10
+    assert curvlib.available()["auto"]["hessian"]["picks"]["diag"] == ["backpack", "autograd"]
+
+
+def test_auto_backend_passes_on_what_backpack_cannot_do():
+    import reference as ref
+
+    case = next(c for c in CASES if c.name == "layernorm_reg")
+    model, x, y, _ = case.make()
+    before = ref.model_state(model)
+    _, h = make_curvature(model, "regression", "auto:hessian").diag(x, y)
+    assert ref.rel_err(h, ref.hessian(model, x, y, "regression").diagonal()) < 1e-10
+    ref.assert_same_state(before, ref.model_state(model))
+    _, H = make_curvature(model, "regression", "auto:ggn").full(x, y)
+    assert ref.rel_err(H, ref.ggn(model, x, y, "regression")) < 1e-10

@@ -29,6 +29,11 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "ef": "curvlib.backends.autograd:AutogradEF",
         "hessian": "curvlib.backends.autograd:AutogradHessian",
     },
+    "auto": {
+        "ggn": "curvlib.backends.auto:AutoGGN",
+        "ef": "curvlib.backends.auto:AutoEF",
+        "hessian": "curvlib.backends.auto:AutoHessian",
+    },
     "backpack": {
         "ggn": "curvlib.backends.backpack:BackPackGGN",
         "ef": "curvlib.backends.backpack:BackPackEF",
