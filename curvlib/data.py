@@ -29,10 +29,11 @@ from torch's global RNG, and shared by all ranks) and :math:`i` the global index
 data point: given by ``index_fn`` / ``index``, or its position in the concatenation of the
 ranks' streams in rank order (correct for :func:`shard_indices` shards read in order). The
 result therefore does not depend on the batch size, the partition or the number of ranks,
-nor on the device (the generators live on the CPU). The price: the backend is called once
-per data point for stochastic curvatures (``mc_keying="batch"`` calls it once per batch with a
-generator keyed by the batch's first index: fast and reproducible, but dependent on the
-batching). Deterministic curvatures are always called once per batch.
+nor on the device (the generators live on the CPU). The backend is still called once per
+batch: it receives the list of the batch's generators, and the likelihood draws each data
+point's pseudo-targets from its own (:meth:`curvlib.likelihood.Likelihood.sample_grad_outputs`).
+``mc_keying="batch"`` keys one generator by the batch's first index instead (reproducible,
+but dependent on the batching).
 """
 
 from __future__ import annotations
@@ -230,10 +231,10 @@ class Accumulator:
         Global index of the first data point passed to :meth:`update` without ``index``
         (position keying of the MC draws).
     mc_keying : {"sample", "batch"}, default "sample"
-        ``"sample"``: one generator per data point, one backend call per data point; the
-        MC result is independent of batching, sharding and the number of ranks.
-        ``"batch"``: one call per batch, its generator keyed by the batch's first global
-        index; much faster, reproducible, but dependent on how the data are batched.
+        ``"sample"``: one generator per data point (one backend call per batch); the MC
+        result is independent of batching, sharding and the number of ranks.
+        ``"batch"``: one generator per batch, keyed by the batch's first global index;
+        reproducible, but dependent on how the data are batched.
 
     Examples
     --------
@@ -308,7 +309,7 @@ class Accumulator:
         return ([(P,)] if self.structure == "diag" else [(P, P)]), None, dtype, device
 
     # ------------------------------------------------------------------ accumulation
-    def _call(self, x: Any, y: Tensor | None, generator: torch.Generator | None):
+    def _call(self, x: Any, y: Tensor | None, generator: Any):
         kw: dict[str, Any] = {} if generator is None else {"generator": generator}
         with _unwrapped(self.curv) as c:
             if self.structure == "kron":
@@ -383,12 +384,12 @@ class Accumulator:
             g = torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, idx[0]))
             loss, tensors, entries = self._call(x, y, g)
             self._add(loss, tensors, entries)
-        else:
-            for n in range(B):
-                g = torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, idx[n]))
-                s = slice(n, n + 1)
-                loss, tensors, entries = self._call(_slice(x, s), None if y is None else y[s], g)
-                self._add(loss, tensors, entries)
+        else:  # one generator per data point, in one batched call
+            gens = [
+                torch.Generator(device="cpu").manual_seed(sample_seed(self.seed, i)) for i in idx
+            ]
+            loss, tensors, entries = self._call(x, y, gens)
+            self._add(loss, tensors, entries)
         self._next_index += B
         self.count += M
         return M

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -115,15 +116,38 @@ class Likelihood(ABC):
     def sqrt_hessian(self, f: Tensor) -> Tensor:
         r"""A square root ``S`` with :math:`S S^\top = \Lambda(f_n)`, shape ``(B, C, C)``."""
 
-    @abstractmethod
     def sample_grad_outputs(
-        self, f: Tensor, num_samples: int, generator: torch.Generator | None = None
+        self,
+        f: Tensor,
+        num_samples: int,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         r"""Pseudo-target gradients :math:`\tilde g = \nabla_f(-\log p(\tilde y|f))`.
 
         :math:`\tilde y` is drawn from the model's predictive; the result has shape
         ``(B, num_samples, C)`` and :math:`E[\tilde g \tilde g^\top] = \Lambda(f)`.
+        ``generator`` may be one generator for the batch or a sequence of ``B`` generators,
+        one per data point (draws keyed by the data point, independent of the batching).
         """
+        if isinstance(generator, Sequence):
+            if len(generator) != f.shape[0]:
+                raise ValueError(
+                    f"got {len(generator)} generators for a batch of {f.shape[0]}: pass one "
+                    "generator, or one per data point"
+                )
+            return torch.cat(
+                [
+                    self._sample_grad_outputs(f[n : n + 1], num_samples, g)
+                    for n, g in enumerate(generator)
+                ]
+            )
+        return self._sample_grad_outputs(f, num_samples, generator)
+
+    @abstractmethod
+    def _sample_grad_outputs(
+        self, f: Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Draw ``(B, num_samples, C)`` pseudo-target gradients with one generator."""
 
     # -- cotangents (see module docstring) -------------------------------------------------
     def sqrt_cotangents(self, f: Tensor) -> Tensor:
@@ -189,7 +213,7 @@ class Regression(Likelihood):
     def sqrt_hessian(self, f: Tensor) -> Tensor:
         return self.hessian(f)
 
-    def sample_grad_outputs(
+    def _sample_grad_outputs(
         self, f: Tensor, num_samples: int, generator: torch.Generator | None = None
     ) -> Tensor:
         # y~ = f + eps, eps ~ N(0, I): grad_f(-log p) = f - y~ = -eps.
@@ -254,7 +278,7 @@ class Classification(Likelihood):
         sp = p.sqrt()
         return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
 
-    def sample_grad_outputs(
+    def _sample_grad_outputs(
         self, f: Tensor, num_samples: int, generator: torch.Generator | None = None
     ) -> Tensor:
         # y~ ~ Categorical(p): grad_f(-log p(y~|f)) = p - e_{y~}.

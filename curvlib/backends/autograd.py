@@ -22,6 +22,7 @@ per-layer diagonal never forms ``V`` for layers without weight sharing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -101,9 +102,8 @@ class _AutogradProducts:
         start, loss, out = 0, 0.0, None
         while start < B:
             s = slice(start, min(B, start + size))
-            f, part, K, light = self._chunk_products(
-                self._slice(inp, s), y[s], generator, structure
-            )
+            gen = generator[s] if isinstance(generator, Sequence) else generator
+            f, part, K, light = self._chunk_products(self._slice(inp, s), y[s], gen, structure)
             loss = loss + self._loss(f, y[s])
             out = part if out is None else out + part
             start = s.stop
