@@ -108,3 +108,34 @@ def test_model_untouched(case):
         if case.kron and cls is not AutogradHessian:
             curv.kron(x, y, N=10)
     ref.assert_same_state(before, ref.model_state(model))
+
+
+def test_hessian_diagonal_of_piecewise_linear_chain_is_the_ggn_diagonal():
+    """ReLU/LeakyReLU/pooling chains: the fast GGN-diagonal rule, exact against brute force;
+    a smooth activation (Tanh) takes the Hessian-vector-product path, also exact."""
+    torch.manual_seed(0)
+    relu_cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)),
+        torch.nn.ReLU(),
+        torch.nn.Linear(5, 3),
+    ).double()
+    tanh_mlp = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    for model, x, fast in (
+        (relu_cnn, torch.randn(4, 1, 6, 6, dtype=torch.float64), True),
+        (tanh_mlp, torch.randn(4, 4, dtype=torch.float64), False),
+    ):
+        y = torch.randint(0, 3, (4,))
+        curv = AutogradHessian(model, "classification")
+        assert curv.diag_is_ggn_diag() is fast
+        _, h = curv.diag(x, y)
+        H = ref.hessian(model, x, y, "classification")
+        assert ref.rel_err(h, H.diagonal()) < TOL
+        if not fast:  # the GGN diagonal would be wrong here
+            assert (
+                ref.rel_err(ref.ggn(model, x, y, "classification").diagonal(), H.diagonal()) > 1e-3
+            )

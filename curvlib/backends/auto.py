@@ -4,7 +4,9 @@ The autograd backend is the default for every structure: in ``bench/`` its per-l
 are the fastest way to the GGN, MC Fisher and EF diagonals, K-FAC and dense matrices. The
 one exception is the Hessian diagonal, where BackPACK's ``DiagHessian`` (a backpropagated
 square root with second-derivative corrections) is orders of magnitude faster than
-autograd's Hessian-vector products. :data:`AUTO_PREFERENCES` lists, per curvature and
+autograd's Hessian-vector products (unless the model is a piecewise-linear chain, where the
+Hessian diagonal is the GGN diagonal and autograd's per-layer rule is fastest).
+:data:`AUTO_PREFERENCES` lists, per curvature and
 structure, the backends tried before autograd; a preferred backend that cannot handle the
 model (it raises :class:`~curvlib.UnsupportedModuleError`, :class:`~curvlib.CapabilityError`
 or :class:`~curvlib.SharedParameterError` before any work, leaving the model untouched)
@@ -88,7 +90,17 @@ class AutoEF(_Auto, AutogradEF):
 
 
 class AutoHessian(_Auto, AutogradHessian):
-    """Hessian with the fastest backend per structure (BackPACK for the diagonal)."""
+    """Hessian with the fastest backend per structure.
+
+    The diagonal: autograd's GGN-diagonal rule where it is exact (a piecewise-linear
+    chain, :meth:`~curvlib.AutogradHessian.diag_is_ggn_diag`), else BackPACK's
+    ``DiagHessian``, else autograd's Hessian-vector products.
+    """
+
+    def diag(self, *args: Any, **kwargs: Any) -> Any:
+        if self.diag_is_ggn_diag():
+            return AutogradHessian.diag(self, *args, **kwargs)
+        return self._delegate("diag", *args, **kwargs)
 
     def kron(self, *args: Any, **kwargs: Any) -> Any:
         raise self._unsupported("kron")

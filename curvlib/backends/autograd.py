@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlib.errors import CapabilityError, SharedParameterError, UnsupportedModuleError
 from curvlib.interface import _CHUNK_ENTRIES, CurvatureInterface, EFInterface, GGNInterface
@@ -172,6 +172,28 @@ class AutogradEF(_AutogradProducts, EFInterface):
     """Empirical Fisher with the autograd backend (see :class:`~curvlib.EFInterface`)."""
 
 
+#: Leaf modules that are linear in their parameters or piecewise linear in their input.
+_PIECEWISE_LINEAR = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.Dropout,  # eval mode only (training mode is refused before any work)
+)
+
+
 class AutogradHessian(CurvatureInterface):
     r"""Hessian :math:`\nabla^2_\theta` of the reported loss ``factor * lossfunc``.
 
@@ -225,5 +247,38 @@ class AutogradHessian(CurvatureInterface):
     def diag(
         self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        """Hessian diagonal ``(loss, h (P,))`` from Hessian-vector products."""
+        r"""Hessian diagonal ``(loss, h (P,))``.
+
+        For a piecewise-linear chain (:meth:`diag_is_ggn_diag`) the diagonal of the
+        Hessian *is* the diagonal of the GGN: :math:`\partial^2 \ell/\partial\theta_i^2 =
+        J_i^\top \Lambda J_i + \sum_c \partial_{f_c}\ell\,\partial^2 f_c/\partial\theta_i^2`
+        and every parameter enters its layer linearly, followed by piecewise-linear maps
+        only, so :math:`\partial^2 f_c/\partial\theta_i^2 = 0` (almost everywhere); it is then
+        computed by the GGN's per-layer rules. Otherwise, from Hessian-vector products.
+        """
+        if self.diag_is_ggn_diag():
+            ggn = AutogradGGN(
+                self.model,
+                self.lik,
+                last_layer=self.last_layer,
+                subnetwork_indices=self.subnetwork_indices,
+                dict_key_x=self.dict_key_x,
+                dict_key_y=self.dict_key_y,
+            )
+            return ggn.diag(x, y)
         return self._hessian_rows(x, y, lambda rows, sel: rows[torch.arange(sel.numel()), sel])
+
+    def diag_is_ggn_diag(self) -> bool:
+        """Whether the differentiated module is a chain of layers that are linear in their
+        parameters and of piecewise-linear maps (``nn.Sequential`` of Linear, Conv, ReLU,
+        LeakyReLU, Hardtanh, ReLU6, pooling, Flatten, Identity, each called once), where the
+        Hessian diagonal equals the GGN diagonal. Only ``nn.Sequential`` qualifies: its
+        forward is exactly its children, so no hidden functional nonlinearity can exist."""
+
+        def chain(m: nn.Module) -> bool:
+            if type(m) is nn.Sequential:
+                return all(chain(c) for c in m)
+            return type(m) in _PIECEWISE_LINEAR
+
+        mods = list(self._model.modules())
+        return chain(self._model) and len({id(m) for m in mods}) == len(mods)
