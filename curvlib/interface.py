@@ -325,7 +325,9 @@ class CurvatureInterface:
                 raise InputError(
                     f"every input tensor must have batch size {B} first, got {tuple(leaf.shape)}"
                 )
-            if torch.is_floating_point(leaf) and leaf.numel():
+            # one cheap reduction first (NaN and inf propagate through a sum); the per-row
+            # check only when it is not finite (or overflowed)
+            if torch.is_floating_point(leaf) and leaf.numel() and not leaf.sum().isfinite():
                 bad = ~torch.isfinite(leaf).reshape(B, -1).all(dim=1)
                 if bad.any():
                     idx = bad.nonzero().flatten().tolist()

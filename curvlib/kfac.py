@@ -257,6 +257,7 @@ def backprop_to_layers(
     inp: Any,
     params: Sequence[Tensor],
     cotangent_fn: Callable[[Tensor], Tensor],
+    entries: list[KronEntry] | None = None,
 ) -> LayerBackprop:
     """Forward ``module(inp)`` recording its layers, then pull the cotangents back to them.
 
@@ -272,7 +273,8 @@ def backprop_to_layers(
         Before any work, for a selected parameter outside :data:`KFAC_MODULES`; after the
         forward pass, for a layer called more than once.
     """
-    entries = kfac_entries(module, params)
+    if entries is None:
+        entries = kfac_entries(module, params)
     layers = list({id(e.module): e.module for e in entries}.values())
     for protect in (False, True):
         with capture_io(layers, protect) as store:

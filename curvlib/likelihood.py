@@ -82,6 +82,8 @@ class Likelihood(ABC):
                 f"the model output must have shape (batch, outputs), got {tuple(f.shape)}; "
                 "flatten or select the outputs in the model's forward"
             )
+        if f.detach().sum().isfinite():  # NaN and inf propagate through a sum
+            return
         bad = ~torch.isfinite(f.detach()).all(dim=1)
         if bad.any():
             idx = bad.nonzero().flatten().tolist()

@@ -32,6 +32,7 @@ from curvlib.errors import CapabilityError, SharedParameterError, UnsupportedMod
 from curvlib.interface import _CHUNK_ENTRIES, CurvatureInterface, EFInterface, GGNInterface
 from curvlib.kfac import (
     KFAC_MODULES,
+    KronEntry,
     backprop_to_layers,
     kfac,
     kfac_entries,
@@ -55,7 +56,12 @@ class _AutogradProducts:
     }
 
     def _chunk_products(
-        self, inp: Any, y: Tensor, generator: torch.Generator | None, structure: str
+        self,
+        inp: Any,
+        y: Tensor,
+        generator: torch.Generator | None,
+        structure: str,
+        entries: list[KronEntry] | None,
     ) -> tuple[Tensor, Tensor, int, bool]:
         """``(f, part, K, light)`` for one chunk; ``light``: memory independent of P·B·K."""
 
@@ -63,10 +69,12 @@ class _AutogradProducts:
             self.lik.check_target(f, y)
             return self._cotangents(f, y, generator)
 
-        try:  # per-layer rules from module hooks: Linear / Conv layers, one call each
-            bp = backprop_to_layers(self._model, inp, self.params, cotangents)
-        except (UnsupportedModuleError, SharedParameterError):
-            bp = None  # another module owns a selected parameter: torch.func below
+        bp = None  # without per-layer rules for every parameter: torch.func below
+        if entries is not None:  # per-layer rules from module hooks: Linear / Conv layers
+            try:
+                bp = backprop_to_layers(self._model, inp, self.params, cotangents, entries)
+            except SharedParameterError:  # a layer called twice: torch.func below
+                bp = None
         if bp is not None:
             f, K = bp.f, bp.grads[0].shape[0]
             if structure == "diag":
@@ -82,20 +90,20 @@ class _AutogradProducts:
         V = V.flatten(0, 1)
         return f, V.T @ V, K, False
 
-    def _layerwise(self) -> bool:
-        """Whether every selected parameter sits in a layer with a per-layer rule."""
+    def _layerwise(self) -> list[KronEntry] | None:
+        """The per-layer entries if every selected parameter has a per-layer rule, else None."""
         try:
-            kfac_entries(self._model, self.params)
+            return kfac_entries(self._model, self.params)
         except (UnsupportedModuleError, SharedParameterError):
-            return False
-        return True
+            return None
 
     def _products(
         self, x: Any, y: Tensor | None, generator: torch.Generator | None, structure: str
     ) -> tuple[Tensor, Tensor]:
         inp, y = self._prepare(x, y)
         B = self._batch_size(x)
-        if structure == "diag" and self._layerwise():
+        entries = self._layerwise()
+        if structure == "diag" and entries is not None:
             size = B  # memory independent of P: one pass
         else:
             size = min(B, max(1, _CHUNK_ENTRIES // (8 * self.num_params)))
@@ -103,7 +111,9 @@ class _AutogradProducts:
         while start < B:
             s = slice(start, min(B, start + size))
             gen = generator[s] if isinstance(generator, Sequence) else generator
-            f, part, K, light = self._chunk_products(self._slice(inp, s), y[s], gen, structure)
+            f, part, K, light = self._chunk_products(
+                self._slice(inp, s), y[s], gen, structure, entries
+            )
             loss = loss + self._loss(f, y[s])
             out = part if out is None else out + part
             start = s.stop
