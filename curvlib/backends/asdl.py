@@ -386,6 +386,9 @@ class _AsdlFisher(_AsdlBase):
             from asdl.matrices import FISHER_EMP
 
             S = self.num_samples
+            # the draws are taken back if ASDL cannot run the model (weight sharing, see
+            # _dense): the fallback then draws the same samples again
+            rng_state = torch.get_rng_state() if generator is None else generator.get_state()
             f0 = self._forward(inp)
             self.lik.check_target(f0, y)
             g = self.lik.sample_grad_outputs(f0, S, generator)  # (B, S, C)
@@ -406,15 +409,23 @@ class _AsdlFisher(_AsdlBase):
             **_FISHER_ATTRS,
         )
         shared = "keep" if structure == "kron" else "raise"
-        with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
-            fm = get_fisher_maker(self._model, cfg)
-            dummy = fm.setup_model_call(model_fn, inp)
-            # used by the EF (and the MC Fisher); ASDL needs a loss with `reduction` (forced
-            # to "sum"), so it gets lossfunc and the result is rescaled by factor**2
-            fm.setup_loss_call(self.lossfunc, dummy, y)
-            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-                f, _ = fm.forward_and_backward()  # ASDL draws nothing here
-            result = read(self._model, _FISHER_ATTRS["fisher_attr"])
+        try:
+            with self._session(), self._checked_forward(y, structure, shared) as (model_fn, L):
+                fm = get_fisher_maker(self._model, cfg)
+                dummy = fm.setup_model_call(model_fn, inp)
+                # used by the EF (and the MC Fisher); ASDL needs a loss with `reduction`
+                # (forced to "sum"), so it gets lossfunc and the result is rescaled by factor**2
+                fm.setup_loss_call(self.lossfunc, dummy, y)
+                with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                    f, _ = fm.forward_and_backward()  # ASDL draws nothing here
+                result = read(self._model, _FISHER_ATTRS["fisher_attr"])
+        except _WeightSharing:
+            if f0 is not None:
+                if generator is None:
+                    torch.set_rng_state(rng_state)
+                else:
+                    generator.set_state(rng_state)
+            raise
         return (f if f0 is None else f0).detach(), result, L
 
     def _dense(self, x: Any, y: Tensor | None, generator, structure: str, **kw: Any):
