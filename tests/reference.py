@@ -153,3 +153,20 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(g1, g2), f"{n1}.grad changed"
     for (n1, b1), (n2, b2) in zip(a["buffers"], b["buffers"], strict=True):
         assert n1 == n2 and torch.equal(b1, b2), n1
+
+
+def setup(case, cls, **kw):
+    """``(curv, model, x, y, subnetwork_indices)`` for a shared case and a curvature class."""
+    model, x, y, subnet = case.make()
+    curv = cls(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=subnet, **kw)
+    return curv, model, x, y, subnet
+
+
+def sub_full(H: Tensor, idx) -> Tensor:
+    """Restrict a dense reference to the subnetwork."""
+    return H if idx is None else H[idx][:, idx]
+
+
+def sub_vec(h: Tensor, idx) -> Tensor:
+    """Restrict the last (parameter) dimension of a reference to the subnetwork."""
+    return h if idx is None else h[..., idx]

@@ -36,20 +36,6 @@ BRUTE = {"ggn": ref.ggn, "ef": ref.ef, "hessian": ref.hessian}
 REJECTED = {"conv1d_reg": UnsupportedModuleError, "tied_cls": SharedParameterError}
 
 
-def setup(case, cls, **kw):
-    model, x, y, subnet = case.make()
-    curv = cls(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=subnet, **kw)
-    return curv, model, x, y, subnet
-
-
-def sub_full(H, idx):
-    return H if idx is None else H[idx][:, idx]
-
-
-def sub_vec(h, idx):
-    return h if idx is None else h[..., idx]
-
-
 def rejected(case, curvature="ggn"):
     return None if curvature == "hessian" else REJECTED.get(case.name)
 
@@ -66,7 +52,7 @@ def kron_err(K1, K2):
 # -- shared cases: brute force and autograd ----------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_jacobians_and_gradients(case):
-    curv, model, x, y, idx = setup(case, AsdlEF)
+    curv, model, x, y, idx = ref.setup(case, AsdlEF)
     if rejected(case):
         with pytest.raises(rejected(case), match="autograd"):
             curv.jacobians(x)
@@ -75,11 +61,11 @@ def test_jacobians_and_gradients(case):
         return
     Js, f = curv.jacobians(x)
     J_ref, f_ref = ref.jacobians(model, x, case.last_layer)
-    assert ref.rel_err(Js, sub_vec(J_ref, idx)) < TOL
+    assert ref.rel_err(Js, ref.sub_vec(J_ref, idx)) < TOL
     assert ref.rel_err(f, f_ref) < TOL
     Gs, loss = curv.gradients(x, y)
     G_ref = ref.per_sample_grads(model, x, y, case.likelihood, case.last_layer)
-    assert ref.rel_err(Gs * curv.factor, sub_vec(G_ref, idx)) < TOL
+    assert ref.rel_err(Gs * curv.factor, ref.sub_vec(G_ref, idx)) < TOL
     assert ref.rel_err(loss * curv.factor, ref.loss(model, x, y, case.likelihood)) < TOL
     auto = AutogradEF(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=idx)
     assert ref.rel_err(Gs, auto.gradients(x, y)[0]) < XTOL
@@ -89,7 +75,7 @@ def test_jacobians_and_gradients(case):
 @pytest.mark.parametrize("curvature", ["ggn", "ef", "hessian"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_dense_and_diag(case, curvature, structure):
-    curv, model, x, y, idx = setup(case, ASDL[curvature])
+    curv, model, x, y, idx = ref.setup(case, ASDL[curvature])
     if rejected(case, curvature):
         before = ref.model_state(model)
         with pytest.raises(rejected(case, curvature), match="autograd"):
@@ -97,7 +83,7 @@ def test_dense_and_diag(case, curvature, structure):
         ref.assert_same_state(before, ref.model_state(model))
         return
     loss, H = getattr(curv, structure)(x, y)
-    H_ref = sub_full(BRUTE[curvature](model, x, y, case.likelihood, case.last_layer), idx)
+    H_ref = ref.sub_full(BRUTE[curvature](model, x, y, case.likelihood, case.last_layer), idx)
     expected = H_ref if structure == "full" else H_ref.diagonal()
     assert H.shape == expected.shape
     assert ref.rel_err(H, expected) < TOL
@@ -112,7 +98,7 @@ def test_dense_and_diag(case, curvature, structure):
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.kron], ids=lambda c: c.name)
 def test_kron_matches_autograd_expand(case, curvature):
-    curv, model, x, y, _ = setup(case, ASDL[curvature])
+    curv, model, x, y, _ = ref.setup(case, ASDL[curvature])
     if rejected(case):
         with pytest.raises(rejected(case), match="autograd"):
             curv.kron(x, y, N=7)
@@ -125,23 +111,9 @@ def test_kron_matches_autograd_expand(case, curvature):
     assert len(K.kfacs) == len(curv.params)
 
 
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_kron_one_linear_one_datum_is_exact(likelihood):
-    torch.manual_seed(1)
-    model = nn.Linear(4, 3).double()
-    x = torch.randn(1, 4, dtype=torch.float64)
-    y = torch.tensor([2]) if likelihood == "classification" else torch.randn(1, 3).double()
-    for cls, brute in ((AsdlGGN, ref.ggn), (AsdlEF, ref.ef)):
-        _, K = cls(model, likelihood).kron(x, y)
-        H = brute(model, x, y, likelihood)
-        (G, A), (Gb,) = K.kfacs
-        assert ref.rel_err(torch.kron(G, A), H[:12, :12]) < TOL
-        assert ref.rel_err(Gb, H[12:, 12:]) < TOL
-
-
 def test_kron_partition_sums_to_whole():
     case = next(c for c in CASES if c.name == "cnn_cls")
-    curv, model, x, y, _ = setup(case, AsdlGGN)
+    curv, model, x, y, _ = ref.setup(case, AsdlGGN)
     N = x.shape[0]
     _, whole = curv.kron(x, y, N=N)
     total = curv.kron(x[:1], y[:1], N=N)[1] + curv.kron(x[1:], y[1:], N=N)[1]
@@ -151,14 +123,14 @@ def test_kron_partition_sums_to_whole():
 def test_kron_reduce():
     # without weight sharing reduce == expand, so it is computed
     case = CASES[0]
-    curv, model, x, y, _ = setup(case, AsdlGGN, kfac_approx="reduce")
+    curv, model, x, y, _ = ref.setup(case, AsdlGGN, kfac_approx="reduce")
     _, K = curv.kron(x, y)
     _, K_auto = AutogradGGN(model, case.likelihood, kfac_approx="reduce").kron(x, y)
     assert kron_err(K, K_auto) < XTOL
     # convolutions (static check) and layers on sequences (found in the forward pass)
     for name, where in (("cnn_cls", "convolutions"), ("seq_cls", "sequences")):
         case = next(c for c in CASES if c.name == name)
-        curv, model, x, y, _ = setup(case, AsdlGGN, kfac_approx="reduce")
+        curv, model, x, y, _ = ref.setup(case, AsdlGGN, kfac_approx="reduce")
         before = ref.model_state(model)
         with pytest.raises(CapabilityError, match=rf"{where}.*\['autograd"):
             curv.kron(x, y)
@@ -168,7 +140,7 @@ def test_kron_reduce():
 
 # -- Monte-Carlo Fisher ------------------------------------------------------------------------
 def test_mc_reproducible_consistent_and_rng_untouched():
-    curv, model, x, y, _ = setup(CASES[0], AsdlGGN, stochastic=True, num_samples=3)
+    curv, model, x, y, _ = ref.setup(CASES[0], AsdlGGN, stochastic=True, num_samples=3)
     state = torch.get_rng_state()
     _, a = curv.full(x, y, generator=torch.Generator().manual_seed(7))
     _, b = curv.full(x, y, generator=torch.Generator().manual_seed(7))
@@ -188,7 +160,7 @@ def test_mc_reproducible_consistent_and_rng_untouched():
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=CASE_IDS[:2])
 def test_mc_converges_to_ggn(case):
-    curv, model, x, y, _ = setup(case, AsdlGGN, stochastic=True, num_samples=400)
+    curv, model, x, y, _ = ref.setup(case, AsdlGGN, stochastic=True, num_samples=400)
     _, h = curv.diag(x, y, generator=torch.Generator().manual_seed(0))
     h_ref = ref.ggn(model, x, y, case.likelihood).diagonal()
     assert 1e-6 < ref.rel_err(h, h_ref) < 0.15  # sampled, and scaled right (ASDL: 1/S^2)
@@ -208,9 +180,9 @@ def test_fisher_registry_class_is_mc():
     ids=lambda c: c.name,
 )
 def test_eig_lowrank_matches_eigh(case):
-    curv, model, x, y, idx = setup(case, AsdlHessian)
+    curv, model, x, y, idx = ref.setup(case, AsdlHessian)
     loader = [(x[:2], y[:2]), (x[2:], y[2:])]
-    H = sub_full(ref.hessian(model, x, y, case.likelihood, case.last_layer), idx)
+    H = ref.sub_full(ref.hessian(model, x, y, case.likelihood, case.last_layer), idx)
     evals, evecs = torch.linalg.eigh(H)
     k = 3
     V, lam, loss = curv.eig_lowrank(loader, k=k)
@@ -232,7 +204,7 @@ def test_eig_lowrank_matches_eigh(case):
 
 
 def test_eig_lowrank_bad_k():
-    curv, model, x, y, _ = setup(CASES[0], AsdlHessian)
+    curv, model, x, y, _ = ref.setup(CASES[0], AsdlHessian)
     with pytest.raises(ValueError, match="k must be"):
         curv.eig_lowrank([(x, y)], k=0)
 
@@ -333,14 +305,14 @@ def test_user_full_backward_hook_rejected_and_stale_flag_restored():
 
 
 def test_enable_backprop_not_supported():
-    curv, model, x, y, _ = setup(CASES[0], AsdlGGN)
+    curv, model, x, y, _ = ref.setup(CASES[0], AsdlGGN)
     with pytest.raises(CapabilityError, match="autograd"):
         curv.jacobians(x, enable_backprop=True)
 
 
 def test_frozen_parameters_kron_entries():
     case = next(c for c in CASES if c.name == "frozen_reg")
-    curv, model, x, y, _ = setup(case, AsdlGGN)
+    curv, model, x, y, _ = ref.setup(case, AsdlGGN)
     _, K = curv.kron(x, y)
     assert [len(e) for e in K.kfacs] == [1, 2, 1]  # bias of layer 2, weight+bias of layer 4
 

@@ -12,27 +12,13 @@ from curvlib import AutogradEF, AutogradGGN, AutogradHessian
 TOL = 1e-8
 
 
-def setup(case, cls, **kw):
-    model, x, y, subnet = case.make()
-    curv = cls(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=subnet, **kw)
-    return curv, model, x, y, subnet
-
-
-def sub_full(H, idx):
-    return H if idx is None else H[idx][:, idx]
-
-
-def sub_vec(h, idx):
-    return h if idx is None else h[..., idx]
-
-
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_jacobians(case):
-    curv, model, x, y, idx = setup(case, AutogradGGN)
+    curv, model, x, y, idx = ref.setup(case, AutogradGGN)
     Js, f = curv.jacobians(x)
     J_ref, f_ref = ref.jacobians(model, x, case.last_layer)
     assert Js.shape == (case.batch, case.C, curv.num_params if idx is None else len(idx))
-    assert ref.rel_err(Js, sub_vec(J_ref, idx)) < TOL
+    assert ref.rel_err(Js, ref.sub_vec(J_ref, idx)) < TOL
     assert ref.rel_err(f, f_ref) < TOL
     Js2, _ = curv.functorch_jacobians(x)
     assert torch.equal(Js, Js2)
@@ -40,11 +26,11 @@ def test_jacobians(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_gradients(case):
-    curv, model, x, y, idx = setup(case, AutogradEF)
+    curv, model, x, y, idx = ref.setup(case, AutogradEF)
     Gs, loss = curv.gradients(x, y)
     G_ref = ref.per_sample_grads(model, x, y, case.likelihood, case.last_layer)
     # gradients() follows laplace-torch: terms of lossfunc, without factor.
-    assert ref.rel_err(Gs * curv.factor, sub_vec(G_ref, idx)) < TOL
+    assert ref.rel_err(Gs * curv.factor, ref.sub_vec(G_ref, idx)) < TOL
     assert ref.rel_err(loss * curv.factor, ref.loss(model, x, y, case.likelihood)) < TOL
 
 
@@ -53,10 +39,10 @@ def test_gradients(case):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_dense_and_diag(case, curvature, structure):
     cls = {"ggn": AutogradGGN, "ef": AutogradEF, "hessian": AutogradHessian}[curvature]
-    curv, model, x, y, idx = setup(case, cls)
+    curv, model, x, y, idx = ref.setup(case, cls)
     loss, H = getattr(curv, structure)(x, y)
     brute = {"ggn": ref.ggn, "ef": ref.ef, "hessian": ref.hessian}[curvature]
-    H_ref = sub_full(brute(model, x, y, case.likelihood, case.last_layer), idx)
+    H_ref = ref.sub_full(brute(model, x, y, case.likelihood, case.last_layer), idx)
     expected = H_ref if structure == "full" else H_ref.diagonal()
     assert H.shape == expected.shape
     assert ref.rel_err(H, expected) < TOL
@@ -66,7 +52,7 @@ def test_dense_and_diag(case, curvature, structure):
 @pytest.mark.parametrize("structure", ["full", "diag"])
 def test_mc_fisher_reproducible(structure):
     case = CASES[0]
-    curv, model, x, y, _ = setup(case, AutogradGGN, stochastic=True, num_samples=3)
+    curv, model, x, y, _ = ref.setup(case, AutogradGGN, stochastic=True, num_samples=3)
     _, a = getattr(curv, structure)(x, y, generator=torch.Generator().manual_seed(7))
     _, b = getattr(curv, structure)(x, y, generator=torch.Generator().manual_seed(7))
     _, c = getattr(curv, structure)(x, y, generator=torch.Generator().manual_seed(8))
@@ -76,7 +62,7 @@ def test_mc_fisher_reproducible(structure):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=CASE_IDS[:2])
 def test_mc_fisher_converges_to_ggn(case):
-    curv, model, x, y, _ = setup(case, AutogradGGN, stochastic=True, num_samples=20000)
+    curv, model, x, y, _ = ref.setup(case, AutogradGGN, stochastic=True, num_samples=20000)
     _, H = curv.full(x, y, generator=torch.Generator().manual_seed(0))
     H_ref = ref.ggn(model, x, y, case.likelihood)
     assert ref.rel_err(H, H_ref) < 0.03
@@ -85,7 +71,7 @@ def test_mc_fisher_converges_to_ggn(case):
 
 
 def test_mc_fisher_does_not_touch_global_rng():
-    curv, model, x, y, _ = setup(CASES[0], AutogradGGN, stochastic=True)
+    curv, model, x, y, _ = ref.setup(CASES[0], AutogradGGN, stochastic=True)
     state = torch.get_rng_state()
     curv.diag(x, y, generator=torch.Generator().manual_seed(0))
     assert torch.equal(state, torch.get_rng_state())

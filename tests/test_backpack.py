@@ -46,12 +46,6 @@ def unsupported(case, curvature, structure) -> bool:
     return (curvature, structure) in UNSUPPORTED.get(case.name, set())
 
 
-def setup(case, cls, **kw):
-    model, x, y, subnet = case.make()
-    curv = cls(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=subnet, **kw)
-    return curv, model, x, y, subnet
-
-
 def twin(curv, cls, **kw):
     """The same configuration with another class (the autograd backend)."""
     return cls(
@@ -61,14 +55,6 @@ def twin(curv, cls, **kw):
         subnetwork_indices=curv.subnetwork_indices,
         **kw,
     )
-
-
-def sub_full(H, idx):
-    return H if idx is None else H[idx][:, idx]
-
-
-def sub_vec(h, idx):
-    return h if idx is None else h[..., idx]
 
 
 def expect_unsupported(model, call):
@@ -81,18 +67,18 @@ def expect_unsupported(model, call):
 # -- shared cases ------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_jacobians_and_gradients(case):
-    curv, model, x, y, idx = setup(case, BackPackGGN)
+    curv, model, x, y, idx = ref.setup(case, BackPackGGN)
     if unsupported(case, "jac", "jac"):
         expect_unsupported(model, lambda: curv.jacobians(x))
         expect_unsupported(model, lambda: curv.gradients(x, y))
         return
     Js, f = curv.jacobians(x)
     J_ref, f_ref = ref.jacobians(model, x, case.last_layer)
-    assert ref.rel_err(Js, sub_vec(J_ref, idx)) < TOL
+    assert ref.rel_err(Js, ref.sub_vec(J_ref, idx)) < TOL
     assert ref.rel_err(f, f_ref) < TOL
     Gs, loss = curv.gradients(x, y)
     G_ref = ref.per_sample_grads(model, x, y, case.likelihood, case.last_layer)
-    assert ref.rel_err(Gs * curv.factor, sub_vec(G_ref, idx)) < TOL
+    assert ref.rel_err(Gs * curv.factor, ref.sub_vec(G_ref, idx)) < TOL
     assert ref.rel_err(loss * curv.factor, ref.loss(model, x, y, case.likelihood)) < TOL
     Ga, la = twin(curv, AutogradEF).gradients(x, y)
     assert ref.rel_err(Gs, Ga) < XTOL and ref.rel_err(loss, la) < XTOL
@@ -104,12 +90,12 @@ def test_jacobians_and_gradients(case):
 )
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_dense_and_diag(case, curvature, structure):
-    curv, model, x, y, idx = setup(case, BP[curvature])
+    curv, model, x, y, idx = ref.setup(case, BP[curvature])
     if unsupported(case, curvature, structure):
         expect_unsupported(model, lambda: getattr(curv, structure)(x, y))
         return
     loss, H = getattr(curv, structure)(x, y)
-    H_ref = sub_full(BRUTE[curvature](model, x, y, case.likelihood, case.last_layer), idx)
+    H_ref = ref.sub_full(BRUTE[curvature](model, x, y, case.likelihood, case.last_layer), idx)
     expected = H_ref if structure == "full" else H_ref.diagonal()
     assert H.shape == expected.shape
     assert ref.rel_err(H, expected) < TOL
@@ -125,7 +111,7 @@ def test_kron_matches_autograd(case, curvature, approx):
     """Every factor equals the autograd backend's (tested against brute force there)."""
     kw = {"stochastic": True, "num_samples": 3} if curvature == "mc" else {}
     cls = BackPackEF if curvature == "ef" else BackPackGGN
-    curv, model, x, y, _ = setup(case, cls, kfac_approx=approx, **kw)
+    curv, model, x, y, _ = ref.setup(case, cls, kfac_approx=approx, **kw)
     gen = torch.Generator().manual_seed(11)
     if unsupported(case, "ef" if curvature == "ef" else "ggn", "kron"):
         expect_unsupported(model, lambda: curv.kron(x, y, N=10, generator=gen))
@@ -139,17 +125,6 @@ def test_kron_matches_autograd(case, curvature, approx):
         for f, f_ag in zip(fs, fs_ag, strict=True):
             assert ref.rel_err(f, f_ag) < XTOL
     assert ref.rel_err(loss, loss_ag) < XTOL
-
-
-def test_kron_one_datum_linear_is_exact():
-    """K-FAC of one Linear layer on one data point is the exact GGN block (DESIGN §4)."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 3)).double()
-    x, y = torch.randn(1, 4, dtype=torch.float64), torch.tensor([2])
-    _, K = BackPackGGN(model, "classification").kron(x, y, N=1)
-    H = ref.ggn(model, x, y, "classification")
-    assert ref.rel_err(torch.kron(*K.kfacs[0]), H[:12, :12]) < TOL
-    assert ref.rel_err(K.kfacs[1][0], H[12:, 12:]) < TOL
 
 
 def test_kron_linear_on_sequences_matches_autograd():
@@ -168,7 +143,7 @@ def test_kron_linear_on_sequences_matches_autograd():
 # -- Monte Carlo -------------------------------------------------------------------------
 @pytest.mark.parametrize("structure", ["full", "diag", "kron"])
 def test_mc_reproducible_and_same_samples_as_autograd(structure):
-    curv, model, x, y, _ = setup(CASES[2], BackPackGGN, stochastic=True, num_samples=2)
+    curv, model, x, y, _ = ref.setup(CASES[2], BackPackGGN, stochastic=True, num_samples=2)
 
     def run(c, seed):
         _, out = getattr(c, structure)(x, y, generator=torch.Generator().manual_seed(seed))
@@ -184,7 +159,7 @@ def test_mc_reproducible_and_same_samples_as_autograd(structure):
 
 def test_mc_converges_to_ggn():
     case = CASES[0]
-    curv, model, x, y, _ = setup(case, BackPackGGN, stochastic=True, num_samples=20000)
+    curv, model, x, y, _ = ref.setup(case, BackPackGGN, stochastic=True, num_samples=20000)
     _, h = curv.diag(x, y, generator=torch.Generator().manual_seed(0))
     h_ref = ref.ggn(model, x, y, case.likelihood).diagonal()
     assert 1e-6 < ref.rel_err(h, h_ref) < 0.03
@@ -199,14 +174,14 @@ def test_fisher_from_registry():
 
 # -- capabilities and errors -------------------------------------------------------------
 def test_full_hessian_names_a_backend_that_can():
-    curv, model, x, y, _ = setup(CASES[0], BackPackHessian)
+    curv, model, x, y, _ = ref.setup(CASES[0], BackPackHessian)
     with pytest.raises(CapabilityError, match="autograd") as err:
         curv.full(x, y)
     assert isinstance(err.value, NotImplementedError) and "backpack" in str(err.value)
 
 
 def test_kron_with_subnetwork_raises():
-    curv, model, x, y, _ = setup(CASES[6], BackPackGGN)
+    curv, model, x, y, _ = ref.setup(CASES[6], BackPackGGN)
     with pytest.raises(CapabilityError):
         curv.kron(x, y)
 
