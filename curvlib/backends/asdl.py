@@ -61,7 +61,7 @@ refuse to coexist) is cleared for the call and put back afterwards.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -103,6 +103,26 @@ _HESSIAN_ATTRS = {
 
 class _WeightSharing(Exception):
     """Raised inside the forward pass: a layer is applied to a sequence (see module doc)."""
+
+
+def _rng_state(generator: Any) -> Any:
+    """State of the RNG(s) MC draws come from: the global one, a generator, or one per point."""
+    if generator is None:
+        return torch.get_rng_state()
+    if isinstance(generator, Sequence):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
+
+
+def _set_rng_state(generator: Any, state: Any) -> None:
+    """Put back what :func:`_rng_state` read."""
+    if generator is None:
+        torch.set_rng_state(state)
+    elif isinstance(generator, Sequence):
+        for g, st in zip(generator, state, strict=True):
+            g.set_state(st)
+    else:
+        generator.set_state(state)
 
 
 def _shared_locations(module: nn.Module, inp: Tensor) -> int:
@@ -388,7 +408,7 @@ class _AsdlFisher(_AsdlBase):
             S = self.num_samples
             # the draws are taken back if ASDL cannot run the model (weight sharing, see
             # _dense): the fallback then draws the same samples again
-            rng_state = torch.get_rng_state() if generator is None else generator.get_state()
+            rng_state = _rng_state(generator)
             f0 = self._forward(inp)
             self.lik.check_target(f0, y)
             g = self.lik.sample_grad_outputs(f0, S, generator)  # (B, S, C)
@@ -421,10 +441,7 @@ class _AsdlFisher(_AsdlBase):
                 result = read(self._model, _FISHER_ATTRS["fisher_attr"])
         except _WeightSharing:
             if f0 is not None:
-                if generator is None:
-                    torch.set_rng_state(rng_state)
-                else:
-                    generator.set_state(rng_state)
+                _set_rng_state(generator, rng_state)
             raise
         return (f if f0 is None else f0).detach(), result, L
 
