@@ -170,3 +170,22 @@ def sub_full(H: Tensor, idx) -> Tensor:
 def sub_vec(h: Tensor, idx) -> Tensor:
     """Restrict the last (parameter) dimension of a reference to the subnetwork."""
     return h if idx is None else h[..., idx]
+
+
+def run_job(backend: str, curvature: str, what: str, model, x, y, seed: int = 5) -> Tensor:
+    """One call of a backend on a classification model, as a tensor to compare.
+
+    ``what`` is a structure (``kron`` gives ``to_matrix()``), ``"jacobians"`` or
+    ``"gradients"``; MC calls get a generator seeded with ``seed``.
+    """
+    from curvlib import backend_class
+
+    curv = backend_class(backend, curvature)(model, "classification")
+    kw = {"generator": torch.Generator().manual_seed(seed)} if curvature == "fisher" else {}
+    if what == "jacobians":
+        return curv.jacobians(x)[0]
+    if what == "gradients":
+        return curv.gradients(x, y)[0]
+    if what == "kron":
+        return curv.kron(x, y, N=10, **kw)[1].to_matrix()
+    return getattr(curv, what)(x, y, **kw)[1]

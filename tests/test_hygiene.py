@@ -49,16 +49,8 @@ def jobs_of(backend: str, x: torch.Tensor, y: torch.Tensor) -> dict:
         except ImportError as err:  # an optional library that is absent
             pytest.skip(f"backend {backend!r} unavailable: {err}")
 
-        def call(model: nn.Module, what: str, cls=cls, curvature=curvature):
-            curv = cls(model, "classification")
-            kw = {"generator": torch.Generator().manual_seed(5)} if curvature == "fisher" else {}
-            if what == "jacobians":
-                return curv.jacobians(x)[0]
-            if what == "gradients":
-                return curv.gradients(x, y)[0]
-            if what == "kron":
-                return curv.kron(x, y, N=10, **kw)[1].to_matrix()
-            return getattr(curv, what)(x, y, **kw)[1]
+        def call(model: nn.Module, what: str, curvature=curvature):
+            return ref.run_job(backend, curvature, what, model, x, y, seed=5)
 
         whats = list(cls.structures)
         if curvature == "ggn":

@@ -109,20 +109,7 @@ def data(seed: int = 1) -> tuple[Tensor, Tensor]:
 
 
 def run(job, model, x, y) -> Tensor:
-    backend, curvature, what = job
-    try:
-        cls = backend_class(backend, curvature)
-    except ImportError as err:
-        pytest.skip(f"backend {backend!r} unavailable: {err}")
-    curv = cls(model, "classification")
-    kw = {"generator": torch.Generator().manual_seed(7)} if curvature == "fisher" else {}
-    if what == "jacobians":
-        return curv.jacobians(x)[0]
-    if what == "gradients":
-        return curv.gradients(x, y)[0]
-    if what == "kron":
-        return curv.kron(x, y, N=10, **kw)[1].to_matrix()
-    return getattr(curv, what)(x, y, **kw)[1]
+    return ref.run_job(*job, model, x, y, seed=7)
 
 
 def _ns(total: int) -> list[int]:
