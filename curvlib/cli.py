@@ -267,9 +267,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise CLIError(f"unknown structure {s!r}; known: ['diag', 'kron', 'full']")
     out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(seed)
     train, test = _digits(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    with torch.random.fork_rng():  # seeded initialization without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+        )
     _train(model, *train, steps=args.steps, progress=progress)
 
     print(f"digits: {len(train[0])} train / {len(test[0])} test, MLP 64-32-10, seed {seed}")
