@@ -544,6 +544,26 @@ class CurvatureInterface:
             )
         )
 
+    def _kron_num_data(self, x: Any, N: int | None) -> int:
+        """Checks shared by every ``kron``: no subnetwork, and ``N`` (default: the batch size).
+
+        Raises
+        ------
+        CapabilityError
+            With ``subnetwork_indices`` (K-FAC has no block for a subset of entries).
+        ValueError
+            For ``N < 1``.
+        """
+        if self.subnetwork_indices is not None:
+            raise CapabilityError(
+                "the kron structure does not support subnetwork_indices; use diag or full"
+            )
+        B = self._check_x(x)  # bad inputs (an empty batch too) are named first
+        N = B if N is None else int(N)
+        if N < 1:
+            raise ValueError(f"N (number of data points) must be positive, got {N}")
+        return N
+
     def _unsupported(self, structure: str) -> CapabilityError:
         from curvlib.backends import backends_supporting
 

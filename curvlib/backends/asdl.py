@@ -536,16 +536,9 @@ class _AsdlFisher(_AsdlBase):
         """
         from asdl.matrices import SHAPE_KRON
 
-        if self.subnetwork_indices is not None:
-            raise CapabilityError(
-                "the kron structure does not support subnetwork_indices; use diag or full"
-            )
+        N = self._kron_num_data(x, N)
         inp, y = self._prepare(x, y)
         self._check_asdl("kron")
-        B = self._batch_size(x)
-        N = B if N is None else int(N)
-        if N < 1:
-            raise ValueError(f"N (number of data points) must be positive, got {N}")
         mods = self._owning_modules()
         if self.kfac_approx == "reduce":
             convs = [path for path, m in mods if isinstance(m, nn.Conv2d)]

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from curvlib.errors import CapabilityError, SharedParameterError, UnsupportedModuleError
+from curvlib.errors import SharedParameterError, UnsupportedModuleError
 from curvlib.interface import _CHUNK_ENTRIES, CurvatureInterface, EFInterface, GGNInterface
 from curvlib.kfac import (
     KFAC_MODULES,
@@ -155,16 +155,9 @@ class _AutogradProducts:
         Summing the results over batches that partition the data gives ``G = Σ g gᵀ`` and
         ``A = (1/N) Σ a aᵀ``; ``kfac_approx`` picks the weight-sharing variant.
         """
-        if self.subnetwork_indices is not None:
-            raise CapabilityError(
-                "the kron structure does not support subnetwork_indices; use diag or full"
-            )
+        N = self._kron_num_data(x, N)
         inp, y = self._prepare(x, y)
         self._check_modules("kron")
-        B = self._batch_size(x)
-        N = B if N is None else int(N)
-        if N < 1:
-            raise ValueError(f"N (number of data points) must be positive, got {N}")
 
         def cotangents(f: Tensor) -> Tensor:
             self.lik.check_target(f, y)

@@ -558,15 +558,8 @@ class _BackPackKron(_BackPack):
         ``Linear`` and ``Conv1d/2d/3d`` follow ``kfac_approx``. Summing the results over
         batches that partition the data gives ``G = Σ g gᵀ`` and ``A = (1/N) Σ a aᵀ``.
         """
-        if self.subnetwork_indices is not None:
-            raise CapabilityError(
-                "the kron structure does not support subnetwork_indices; use diag or full"
-            )
+        N = self._kron_num_data(x, N)
         self._check_modules("kron")
-        B = self._check_x(x)
-        N = B if N is None else int(N)
-        if N < 1:
-            raise ValueError(f"N (number of data points) must be positive, got {N}")
         stochastic = getattr(self, "stochastic", False)
         ext = KFAC(mc_samples=self.num_samples) if stochastic else KFLR()
         loss, kfacs = self._run(
