@@ -189,3 +189,19 @@ def run_job(backend: str, curvature: str, what: str, model, x, y, seed: int = 5)
     if what == "kron":
         return curv.kron(x, y, N=10, **kw)[1].to_matrix()
     return getattr(curv, what)(x, y, **kw)[1]
+
+
+def assert_jacobians_and_gradients(curv, model, x, y, case, idx, tol: float):
+    """``curv.jacobians`` and ``curv.gradients`` against the per-sample loops.
+
+    Returns ``curv.gradients(x, y)`` for further comparisons."""
+    Js, f = curv.jacobians(x)
+    J_ref, f_ref = jacobians(model, x, case.last_layer)
+    assert rel_err(Js, sub_vec(J_ref, idx)) < tol
+    assert rel_err(f, f_ref) < tol
+    Gs, lossval = curv.gradients(x, y)
+    G_ref = per_sample_grads(model, x, y, case.likelihood, case.last_layer)
+    # gradients() follows laplace-torch: terms of lossfunc, without factor
+    assert rel_err(Gs * curv.factor, sub_vec(G_ref, idx)) < tol
+    assert rel_err(lossval * curv.factor, loss(model, x, y, case.likelihood)) < tol
+    return Gs, lossval
