@@ -129,11 +129,22 @@ def _transformer(d_in: int = 16, d: int = 32, heads: int = 2, hidden: int = 64, 
 
 
 def _build(name: str) -> Workload:
-    """The workload ``name`` with fixed seeds, float32, random data (no download)."""
+    """The workload ``name`` with fixed seeds, float32, random data (no download).
+
+    The weights are initialized from seed 0 inside ``fork_rng``: the caller's global RNG is
+    left as it was.
+    """
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _build_seeded(name)
+
+
+def _build_seeded(name: str) -> Workload:
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "mlp":
         model = nn.Sequential(
