@@ -547,6 +547,8 @@ class CurvatureInterface:
     def _kron_num_data(self, x: Any, N: int | None) -> int:
         """Checks shared by every ``kron``: no subnetwork, and ``N`` (default: the batch size).
 
+        Call it after the inputs were validated (``_prepare`` or ``_check_x``).
+
         Raises
         ------
         CapabilityError
@@ -558,8 +560,7 @@ class CurvatureInterface:
             raise CapabilityError(
                 "the kron structure does not support subnetwork_indices; use diag or full"
             )
-        B = self._check_x(x)  # bad inputs (an empty batch too) are named first
-        N = B if N is None else int(N)
+        N = self._batch_size(x) if N is None else int(N)
         if N < 1:
             raise ValueError(f"N (number of data points) must be positive, got {N}")
         return N

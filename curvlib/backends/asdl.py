@@ -536,8 +536,8 @@ class _AsdlFisher(_AsdlBase):
         """
         from asdl.matrices import SHAPE_KRON
 
-        N = self._kron_num_data(x, N)
         inp, y = self._prepare(x, y)
+        N = self._kron_num_data(x, N)
         self._check_asdl("kron")
         mods = self._owning_modules()
         if self.kfac_approx == "reduce":

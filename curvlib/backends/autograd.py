@@ -155,8 +155,8 @@ class _AutogradProducts:
         Summing the results over batches that partition the data gives ``G = Σ g gᵀ`` and
         ``A = (1/N) Σ a aᵀ``; ``kfac_approx`` picks the weight-sharing variant.
         """
-        N = self._kron_num_data(x, N)
         inp, y = self._prepare(x, y)
+        N = self._kron_num_data(x, N)
         self._check_modules("kron")
 
         def cotangents(f: Tensor) -> Tensor:

@@ -558,6 +558,7 @@ class _BackPackKron(_BackPack):
         ``Linear`` and ``Conv1d/2d/3d`` follow ``kfac_approx``. Summing the results over
         batches that partition the data gives ``G = Σ g gᵀ`` and ``A = (1/N) Σ a aᵀ``.
         """
+        self._check_x(x)
         N = self._kron_num_data(x, N)
         self._check_modules("kron")
         stochastic = getattr(self, "stochastic", False)
