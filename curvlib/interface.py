@@ -63,8 +63,14 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
     BackPACK's ``input0``/``output``/``_backpack_extend``, ASDL's operations, ...), its
     training flag and its parameters' attributes, ``requires_grad`` and ``.grad``: the
     ``.grad`` tensors are set aside during the block (so a backward pass inside writes fresh
-    ones) and put back unchanged. With ``rng=True`` the global CPU (and CUDA) RNG state is
-    restored too, so a library that reseeds or draws from it leaves no trace.
+    ones) and put back unchanged. Buffer values changed in place (running statistics) are
+    copied back. With ``rng=True`` the global CPU (and CUDA) RNG state is restored too, so a
+    library that reseeds or draws from it leaves no trace.
+
+    Inside the block, a ``_is_full_backward_hook`` flag that torch left on a module whose
+    backward hooks are gone (after BackPACK's or ASDL's hooks were removed elsewhere) is
+    cleared, so that either library can register its own kind of backward hook; it is put
+    back on exit like every attribute.
     """
     modules = list(model.modules())
     saved_mods = []
@@ -74,13 +80,21 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
         saved_mods.append((m, attrs, containers))
     params = list(model.parameters())
     saved_params = [(p, dict(p.__dict__), p.grad, p.requires_grad) for p in params]
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     for p in params:
         p.grad = None
+    for m in modules:
+        if m.__dict__.get("_is_full_backward_hook") is not None and not m._backward_hooks:
+            m._is_full_backward_hook = None
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices, enabled=rng):
         try:
             yield model
         finally:
+            with torch.no_grad():
+                for b, value in saved_buffers:
+                    if not torch.equal(b, value):
+                        b.copy_(value)
             for m, attrs, containers in saved_mods:
                 for k in set(m.__dict__) - set(attrs):
                     del m.__dict__[k]

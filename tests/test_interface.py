@@ -228,9 +228,13 @@ def test_preserved_model_undoes_everything():
 
     model, x, y = cls_data()
     model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[0].register_buffer("stat", torch.zeros(3))
+    model[2]._is_full_backward_hook = False  # stale: no backward hooks left
     before = ref.model_state(model)
     rng = torch.get_rng_state()
     with pytest.raises(RuntimeError, match="inside"), preserved_model(model):
+        assert model[2]._is_full_backward_hook is None  # cleared for the block
+        model[0].stat.add_(1.0)  # in place, as running statistics are updated
         model[0].register_forward_hook(lambda *a: None)
         model[2].register_full_backward_hook(lambda *a: None)
         model[0].extra_attribute = 1
@@ -243,6 +247,8 @@ def test_preserved_model_undoes_everything():
     ref.assert_same_state(before, ref.model_state(model))
     assert torch.equal(rng, torch.get_rng_state())
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert torch.equal(model[0].stat, torch.zeros(3))
+    assert model[2]._is_full_backward_hook is False
 
 
 @pytest.mark.parametrize("method", ["full", "diag", "kron", "gradients"])

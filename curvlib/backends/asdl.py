@@ -52,10 +52,10 @@ curvlib detects them during the forward pass (before any backward pass) and buil
 
 Hygiene: every call runs inside :func:`curvlib.interface.preserved_model`, which removes
 ASDL's hooks, result attributes (``_curvlib_asdl_*``) and the ``_original_requires_grad``
-attribute it puts on parameters, and restores ``.grad``, the training flag and the global
-RNG. In addition the buffers are restored, and a stale ``_is_full_backward_hook`` flag (left
+attribute it puts on parameters, and restores ``.grad``, the training flag, the buffers and
+the global RNG; it also clears, for the call, a stale ``_is_full_backward_hook`` flag (left
 by BackPACK or any removed full backward hook, with which ASDL's old-style backward hooks
-refuse to coexist) is cleared for the call and put back afterwards.
+refuse to coexist) and puts it back afterwards.
 """
 
 from __future__ import annotations
@@ -134,19 +134,6 @@ def _shared_locations(module: nn.Module, inp: Tensor) -> int:
     return 1  # Conv2d and BatchNorm2d reduce their locations themselves
 
 
-@contextmanager
-def _restored_buffers(model: nn.Module) -> Iterator[None]:
-    """Put every buffer's value back on exit (a forward pass in training mode updates them)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                if not torch.equal(b, value):
-                    b.copy_(value)
-
-
 class _AsdlBase:
     """Shared ASDL machinery: checks, the clean call context, per-sample products."""
 
@@ -198,10 +185,7 @@ class _AsdlBase:
     @contextmanager
     def _session(self) -> Iterator[None]:
         """Run ASDL on the model and leave no trace (see the module docstring)."""
-        with preserved_model(self.model), _restored_buffers(self.model):
-            for m in self.model.modules():
-                if m.__dict__.get("_is_full_backward_hook") is not None and not m._backward_hooks:
-                    m._is_full_backward_hook = None
+        with preserved_model(self.model):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
                 warnings.filterwarnings("ignore", message=".*register_backward_hook.*")

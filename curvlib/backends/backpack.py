@@ -320,9 +320,6 @@ class _BackPack:
                         mod.inplace = False
                 for mod in [*modules, *([loss] if loss is not None else [])]:
                     mod.register_forward_hook(record)
-                    # a flag left by regular backward hooks that are gone (e.g. by ASDL)
-                    if mod.__dict__.get("_is_full_backward_hook") is False:
-                        mod._is_full_backward_hook = None
                     extend(mod)
                 yield records
             finally:
