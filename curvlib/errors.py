@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteError",
     "DecompositionError",
     "DistributedError",
+    "MemoryLimitError",
 ]
 
 
@@ -46,8 +47,9 @@ class UnsupportedModuleError(CurvlibError, ValueError):
     """
 
 
-class SharedParameterError(CurvlibError, ValueError):
-    """A parameter used by several modules (tied weights) where a structure cannot handle it."""
+class SharedParameterError(UnsupportedModuleError):
+    """A parameter used by several modules (tied weights), or a module called more than once,
+    where a backend cannot handle it (an :class:`UnsupportedModuleError`)."""
 
 
 class CapabilityError(CurvlibError, NotImplementedError):
@@ -71,3 +73,11 @@ class DecompositionError(CurvlibError, RuntimeError):
 
 class DistributedError(CurvlibError, RuntimeError):
     """A failure on one rank of a ``torch.distributed`` accumulation, reported on all ranks."""
+
+
+class MemoryLimitError(CurvlibError, MemoryError):
+    """A request whose estimated memory exceeds the limit, refused before any allocation.
+
+    The message gives the estimate, the limit (and where it comes from) and the cheaper
+    structures that would fit.
+    """

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
 from curvlib.errors import LikelihoodError
 from curvlib.estimators import hutchinson_trace
 from curvlib.layers import differentiable_diagonal, layer_statistics, per_layer_diagonal
@@ -54,6 +53,18 @@ __all__ = [
     "create_empirical_fisher_mv",
     "create_MC_fisher_mv",
 ]
+
+
+def _curv(curvature: str, model: nn.Module, likelihood: str, backend: str | None, **options: Any):
+    """The curvature object of ``backend`` (default ``CURVLIB_BACKEND``'s backend, then autograd)."""
+    import os
+
+    from curvlib.backends import backend_class
+
+    if backend is None:
+        env = os.environ.get("CURVLIB_BACKEND", "").strip()
+        backend = env.partition(":")[0] or "autograd"
+    return backend_class(backend, curvature)(model, likelihood, **options)
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ def _scales(spec: _LossSpec, targets: Tensor) -> tuple[float, float]:
 
 # -- torch-secorder: approximations ---------------------------------------------------------
 def empirical_fisher_diagonal(
-    model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Tensor
+    model: nn.Module, loss_fn: Any, inputs: Tensor, targets: Tensor, *, backend: str | None = None
 ) -> list[Tensor]:
     r"""Diagonal of the empirical Fisher of the loss as given, :math:`w \sum_n g_n^2`.
 
@@ -146,7 +157,7 @@ def empirical_fisher_diagonal(
     """
     spec = _loss_spec(loss_fn)
     _, ef = _scales(spec, targets)
-    _, d = AutogradEF(model, spec.likelihood).diag(inputs, targets)
+    _, d = _curv("ef", model, spec.likelihood, backend).diag(inputs, targets)
     return _unflatten(d * ef, _params(model))
 
 
@@ -158,6 +169,7 @@ def empirical_fisher_trace(
     num_samples: int = 1,
     *,
     generator: torch.Generator | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     r"""Hutchinson estimate of :math:`\mathrm{tr}(w \sum_n g_n g_n^\top) = w \sum_n \|g_n\|^2`.
 
@@ -168,7 +180,7 @@ def empirical_fisher_trace(
     """
     spec = _loss_spec(loss_fn)
     _, ef = _scales(spec, targets)
-    op = curvature_operator(AutogradEF(model, spec.likelihood), inputs, targets) * ef
+    op = curvature_operator(_curv("ef", model, spec.likelihood, backend), inputs, targets) * ef
     return hutchinson_trace(op, num_samples, generator=generator)
 
 
@@ -178,6 +190,8 @@ def gauss_newton_matrix_approximation(
     inputs: Tensor,
     targets: Tensor,
     create_graph: bool = False,
+    *,
+    backend: str | None = None,
 ) -> list[Tensor]:
     r"""Diagonal of the Gauss-Newton matrix of a least-squares loss as given.
 
@@ -203,7 +217,7 @@ def gauss_newton_matrix_approximation(
             "generalized_fisher_diagonal or curvlib.AutogradGGN"
         )
     scale, _ = _scales(spec, targets)
-    curv = AutogradGGN(model, spec.likelihood)
+    curv = _curv("ggn", model, spec.likelihood, backend)
     if create_graph:
         d = differentiable_diagonal(curv, inputs, targets)
     else:
@@ -336,6 +350,8 @@ def per_layer_hessian_diagonal(
     targets: Tensor,
     layer_types: list[type] | None = None,
     create_graph: bool = False,
+    *,
+    backend: str | None = None,
 ) -> dict[str, Tensor]:
     r"""Hessian diagonal of the loss as given per module, :math:`\mathrm{diag}(\nabla^2 L)[I_\ell]`.
 
@@ -351,7 +367,7 @@ def per_layer_hessian_diagonal(
     """
     spec = _loss_spec(loss_fn)
     scale, _ = _scales(spec, targets)
-    curv = AutogradHessian(model, spec.likelihood)
+    curv = _curv("hessian", model, spec.likelihood, backend)
     out = per_layer_diagonal(curv, inputs, targets, layer_types, create_graph=create_graph)
     return {k: v * scale for k, v in out.items()}
 
@@ -363,6 +379,8 @@ def per_layer_fisher_diagonal(
     targets: Tensor,
     layer_types: list[type] | None = None,
     create_graph: bool = False,
+    *,
+    backend: str | None = None,
 ) -> dict[str, Tensor]:
     r"""Fisher (= GGN, for these likelihoods) diagonal of the loss as given, per module.
 
@@ -371,7 +389,7 @@ def per_layer_fisher_diagonal(
     """
     spec = _loss_spec(loss_fn)
     scale, _ = _scales(spec, targets)
-    curv = AutogradGGN(model, spec.likelihood)
+    curv = _curv("ggn", model, spec.likelihood, backend)
     out = per_layer_diagonal(curv, inputs, targets, layer_types, create_graph=create_graph)
     return {k: v * scale for k, v in out.items()}
 
@@ -425,6 +443,7 @@ def create_ggn_mv(
     *,
     num_curv_samples: int | None = None,
     num_total_samples: int | None = None,
+    backend: str | None = None,
 ) -> CurvatureOperator:
     r"""The GGN-vector product :math:`v \mapsto s\,w a \sum_n J_n^\top \Lambda(f_n) J_n v`.
 
@@ -439,6 +458,8 @@ def create_ggn_mv(
         mean is over the whole data.
     num_curv_samples, num_total_samples : int, optional
         ``s = num_total_samples / num_curv_samples`` (laplax); default 1.
+    backend : str, optional
+        The curvlib backend (default: the backend of ``CURVLIB_BACKEND``, else autograd).
 
     Returns
     -------
@@ -446,7 +467,7 @@ def create_ggn_mv(
         Callable ``mv(v)``; also ``@``, ``shape``, ``to_scipy()``.
     """
     spec = _loss_spec(loss_fn)
-    curv = AutogradGGN(model, spec.likelihood)
+    curv = _curv("ggn", model, spec.likelihood, backend)
     return _operator(curv, data, spec, False, None, num_curv_samples, num_total_samples)
 
 
@@ -457,6 +478,7 @@ def create_empirical_fisher_mv(
     *,
     num_curv_samples: int | None = None,
     num_total_samples: int | None = None,
+    backend: str | None = None,
 ) -> CurvatureOperator:
     r"""The EF-vector product :math:`v \mapsto s\,w \sum_n g_n (g_n^\top v)`.
 
@@ -465,7 +487,7 @@ def create_empirical_fisher_mv(
     :func:`create_ggn_mv`.
     """
     spec = _loss_spec(loss_fn)
-    curv = AutogradEF(model, spec.likelihood)
+    curv = _curv("ef", model, spec.likelihood, backend)
     return _operator(curv, data, spec, True, None, num_curv_samples, num_total_samples)
 
 
@@ -478,6 +500,7 @@ def create_MC_fisher_mv(  # noqa: N802 (laplax's name)
     num_curv_samples: int | None = None,
     num_total_samples: int | None = None,
     mc_samples: int = 1,
+    backend: str | None = None,
 ) -> CurvatureOperator:
     r"""The MC Fisher-vector product :math:`v \mapsto s\,w a \sum_n J_n^\top
     \big(\tfrac1S \sum_{m} \tilde g_{n,m} \tilde g_{n,m}^\top\big) J_n v`.
@@ -488,5 +511,5 @@ def create_MC_fisher_mv(  # noqa: N802 (laplax's name)
     :func:`create_ggn_mv`. Other arguments as :func:`create_ggn_mv`.
     """
     spec = _loss_spec(loss_fn)
-    curv = AutogradGGN(model, spec.likelihood, stochastic=True, num_samples=mc_samples)
+    curv = _curv("fisher", model, spec.likelihood, backend, num_samples=mc_samples)
     return _operator(curv, data, spec, False, generator, num_curv_samples, num_total_samples)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlib import _autodiff
 from curvlib.errors import InputError
 from curvlib.linops import curvature_operator
 
@@ -60,7 +61,7 @@ def layer_indices(
     device = curv.params[0].device if curv.params else None
     out, seen = {}, set()
     prefix = "last_layer" if curv.last_layer else ""
-    for name, module in curv._model.named_modules():
+    for name, module in curv.differentiated_module.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) in offsets]
         own = [p for p in own if id(p) not in seen]
         seen.update(id(p) for p in own)
@@ -103,13 +104,16 @@ def differentiable_diagonal(
     """
     name = curv.curvature_name()
     if name in ("ggn", "ef") and not getattr(curv, "stochastic", False):
-        inp, y = curv._prepare(x, y)
-        f = curv._forward(inp, grad=True)
-        curv.lik.check_target(f, y)
-        lik = curv.lik
-        cot = lik.sqrt_cotangents(f) if name == "ggn" else lik.ef_cotangents(f, y)
-        V = curv._select(curv._per_sample_vjps(inp, cot, detach=False))
-        diag = V.pow(2).sum((0, 1))
+        call = curv._begin("diag", x, y)
+        with curv._hygiene(call):
+            call.inp = curv._features(call)
+            f = call.forward(grad=True)
+            lik = curv.lik
+            cot = lik.sqrt_cotangents(f, call.y) if name == "ggn" else lik.ef_cotangents(f, call.y)
+            V = _autodiff.per_sample_vjps(
+                curv.differentiated_module, curv.params, call.inp, cot, detach=False, model_key=curv.model
+            )
+        diag = call.select(V).pow(2).sum((0, 1))
         return diag if sel is None else diag[sel]
     op = curvature_operator(curv, x, y, generator=generator, create_graph=True)
     sel = torch.arange(op.shape[0], device=op.device) if sel is None else sel

@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from curvlib import _autodiff
+from curvlib._inputs import batch_size, split_batch
 from curvlib.errors import CapabilityError, InputError
 
-__all__ = ["CurvatureOperator", "curvature_operator"]
+__all__ = ["CurvatureOperator", "curvature_operator", "shared_matmat"]
 
 _KINDS = {"ggn", "ef", "hessian"}
 
@@ -44,18 +46,6 @@ def _is_data(x: Any) -> bool:
     """Whether ``x`` is a data set (an iterable of batches) rather than one batch's input."""
     atomic = (Tensor, Mapping, str, bytes)
     return x is not None and not isinstance(x, atomic) and isinstance(x, Iterable)
-
-
-def _split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """``(x, y)`` of one batch of a data set: a pair ``(x, y)`` or a dict holding both."""
-    if isinstance(batch, Mapping):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise InputError(
-        "every batch of the data must be a pair (x, y) or a dict holding the targets under "
-        f"dict_key_y, got {type(batch).__name__}"
-    )
 
 
 class CurvatureOperator:
@@ -111,20 +101,24 @@ class CurvatureOperator:
         self.create_graph = bool(create_graph)
         self.chunk_size = chunk_size
         self.progress = progress
-        curv._check_params()
-        ref = curv.params[0]
+        self.generator = generator
+        ref = curv.params[0] if curv.params else None
+        if ref is None:
+            raise InputError(f"{type(curv.model).__name__} has no parameters with requires_grad=True")
         self.dtype, self.device = ref.dtype, ref.device
-        self._idx = curv._subnet()
-        self._P_full = curv.num_params
-        P = self._P_full if self._idx is None else int(self._idx.numel())
-        self.shape = (P, P)
         self._data = data
-        self._batch: tuple[Any, Tensor] | None = None
+        self._batch: Any = None
         self._samples: list[tuple[Tensor, Tensor]] | None = None
         self._num_data: int | None = None
         if data is None:
             self._batch = self._checked(x, y)
-            self._num_data = curv._batch_size(x)
+            self._num_data = self._batch.B
+        from curvlib._selection import subnetwork
+
+        self._idx = subnetwork(curv.subnetwork_indices, curv.num_params, self.device)
+        self._P_full = curv.num_params
+        P = self._P_full if self._idx is None else int(self._idx.numel())
+        self.shape = (P, P)
         if self.curvature == "fisher":
             self._samples = self._draw(generator)
         if num_curv_samples is not None and num_curv_samples < 1:
@@ -139,15 +133,16 @@ class CurvatureOperator:
     def _to_device(self, t: Any) -> Any:
         return tree_map(lambda a: a.to(self.device) if isinstance(a, Tensor) else a, t)
 
-    def _checked(self, x: Any, y: Tensor | None) -> tuple[Any, Tensor]:
-        """Validate one batch (one forward pass, before any product); ``(input, y)``."""
-        inp, y = self.curv._prepare(self._to_device(x), self._to_device(y))
-        f = self.curv._forward(inp)
-        self.curv.lik.check_target(f, y)
-        return inp, y
+    def _checked(self, x: Any, y: Tensor | None):
+        """Validate one batch (the template's checks and one forward pass); its call."""
+        call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
+        with self.curv._hygiene(call):
+            call.inp = self.curv._features(call)
+            call.forward(grad=False)
+        return call
 
-    def _batches(self) -> Iterator[tuple[Any, Tensor]]:
-        """``(input of curv._model, y)`` for every batch of the data."""
+    def _batches(self) -> Iterator[Any]:
+        """The validated call of every batch of the data."""
         if self._batch is not None:
             yield self._batch
             return
@@ -157,18 +152,22 @@ class CurvatureOperator:
 
             it = tqdm(it, desc="curvature product", leave=False)
         for batch in it:
-            x, y = _split_batch(batch)
-            inp, y = self.curv._prepare(self._to_device(x), self._to_device(y))
-            yield inp, y
+            x, y = split_batch(batch)
+            call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
+            with self.curv._hygiene(call):
+                call.inp = self.curv._features(call)
+            yield call
 
     def _draw(self, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:
         """MC cotangents of every batch, drawn once (with the batch's targets, to check
         later that the data come in the same order)."""
         out, n = [], 0
-        for inp, y in self._batches():
-            f = self.curv._forward(inp)
-            self.curv.lik.check_target(f, y)
-            out.append((self.curv._cotangents(f, y, generator), y.detach().clone()))
+        for call in self._batches():
+            with self.curv._hygiene(call):
+                f = call.forward(grad=False)
+            if generator is None:  # one seed from the global RNG, as every MC call
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            out.append((call.cotangents(f, generator=generator), call.y.detach().clone()))
             n += int(f.shape[0])
         self._num_data = n
         return out
@@ -184,75 +183,33 @@ class CurvatureOperator:
             if dataset is not None and sampler is not None and exact_len:
                 n = len(sampler)
             else:
-                n = sum(self.curv._batch_size(_split_batch(b)[0]) for b in data)
+                n = sum(batch_size(split_batch(b)[0], self.curv.dict_key_x) for b in data)
             self._num_data = int(n)
         return self._num_data
 
     # -- products ---------------------------------------------------------------------------
-    def _batch_product(self, inp: Any, y: Tensor, V: Tensor, cot: Tensor | None) -> Tensor:
-        """``C_batch @ V`` for ``V`` of shape ``(P_full, K)`` (full parameter space)."""
-        curv, lik = self.curv, self.curv.lik
-        fn, params = curv._functional(detach=not self.create_graph)
-        names = list(params)
-        shapes = [params[n].shape for n in names]
-        sizes = [params[n].numel() for n in names]
-
-        def unflat(col: Tensor) -> dict[str, Tensor]:
-            parts = col.split(sizes)
-            return {n: c.view(s) for n, c, s in zip(names, parts, shapes, strict=True)}
-
-        def flat(d: dict[str, Tensor]) -> Tensor:
-            return torch.cat([d[n].reshape(-1) for n in names])
-
-        def out_fn(p: dict[str, Tensor]) -> Tensor:
-            return fn(p, inp)
-
-        if self.curvature == "hessian":
-            grad_fn = torch.func.grad(lambda p: lik.loss(out_fn(p), y))
-
-            def hvp(col: Tensor) -> Tensor:
-                return flat(torch.func.jvp(grad_fn, (params,), (unflat(col),))[1])
-
-            return torch.func.vmap(hvp, in_dims=1, out_dims=1)(V)
-
-        f, vjp_fn = torch.func.vjp(out_fn, params)
-        lik.check_output(f)
-
-        def jvp(col: Tensor) -> Tensor:
-            return torch.func.jvp(out_fn, (params,), (unflat(col),))[1]
-
-        JV = torch.func.vmap(jvp, in_dims=1)(V)  # (K, B, C)
-        f_m = f if self.create_graph else f.detach()
-        if self.curvature == "ggn":
-            W = torch.einsum("bcd,kbd->kbc", lik.hessian(f_m), JV)
-        else:
-            if cot is None:  # empirical Fisher: r_n = grad of sample n's loss term
-                cot = lik.ef_cotangents(f_m, y)
-            W = torch.einsum("bsc,bsd,kbd->kbc", cot, cot, JV)
-        (grads,) = torch.func.vmap(vjp_fn)(W)
-        return torch.cat([grads[n].flatten(1) for n in names], dim=1).T
-
     def _full_product(self, V: Tensor) -> Tensor:
         out, n = None, 0
         samples = self._samples
-        for i, (inp, y) in enumerate(self._batches()):
+        for i, call in enumerate(self._batches()):
             n = i + 1
             cot = None
             if samples is not None:
-                if i >= len(samples) or not torch.equal(samples[i][1], y):
+                if i >= len(samples) or not torch.equal(samples[i][1], call.y):
                     raise InputError(
                         "the data changed since the MC Fisher operator was built: its "
                         "samples belong to the batches in their first order; iterate the "
                         "data deterministically (DataLoader(shuffle=False))"
                     )
                 cot = samples[i][0]
-            part = torch.cat(
-                [
-                    self._batch_product(inp, y, V[:, s : s + self.chunk_size], cot)
-                    for s in range(0, V.shape[1], self.chunk_size)
-                ],
-                dim=1,
-            )
+            with self.curv._hygiene(call):
+                part = torch.cat(
+                    [
+                        self.curv._matmat(call, V[:, s : s + self.chunk_size], cot, self.create_graph)
+                        for s in range(0, V.shape[1], self.chunk_size)
+                    ],
+                    dim=1,
+                )
             out = part if out is None else out + part
         if out is None:
             raise InputError("the data set is empty (it yielded no batch)")
@@ -383,3 +340,42 @@ def curvature_operator(
         create_graph=create_graph,
         chunk_size=chunk_size,
     )
+
+
+def shared_matmat(curv: Any, call: Any, V: Tensor, cot: Tensor | None, create_graph: bool) -> Tensor:
+    """``C_batch @ V`` for ``V (P, K)`` in the full parameter space, by torch.func.
+
+    The curvature's shared product (see the module docstring): Jacobian-vector products
+    (forward mode, or reverse over reverse where an op lacks a forward derivative), the
+    output-space matrix, vector-Jacobian products; Hessian-vector products for the Hessian.
+    ``cot`` holds the MC Fisher's cotangents drawn when the operator was built.
+    """
+    lik = curv.lik
+    params = curv.params
+    fn = _autodiff.functional(curv._model, params)
+    values = [p if create_graph else p.detach() for p in params]
+    sizes = [p.numel() for p in params]
+    shapes = [p.shape for p in params]
+    inp, y = call.inp, call.y
+
+    def unflat(col: Tensor) -> list[Tensor]:
+        return [c.view(s) for c, s in zip(col.split(sizes), shapes, strict=True)]
+
+    if curv.curvature_name() == "hessian":
+        return _autodiff.hvp(lambda vals: lik.loss(fn(vals, inp), y), values, V.T, curv.model).T
+    f, vjp_fn = torch.func.vjp(lambda *ps: fn(ps, inp), *values)
+    JV = torch.stack(
+        [_autodiff.jvp(lambda vals: fn(vals, inp), values, unflat(V[:, k]), curv.model) for k in range(V.shape[1])]
+    )  # (K, B, *out)
+    f_m = f if create_graph else f.detach()
+    JVf = JV.flatten(2)  # (K, B, O)
+    if curv.curvature_name() == "ggn" and cot is None:
+        c = lik.sqrt_cotangents(f_m, y)  # (B, Kc, *out)
+    elif cot is None:
+        c = lik.ef_cotangents(f_m, y)
+    else:
+        c = cot
+    c = c.flatten(2)  # (B, Kc, O)
+    W = torch.einsum("bso,bsd,kbd->kbo", c, c, JVf).reshape(JV.shape)
+    grads = [vjp_fn(W[k]) for k in range(W.shape[0])]
+    return torch.stack([torch.cat([g.reshape(-1) for g in gk]) for gk in grads], dim=1)

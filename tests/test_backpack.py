@@ -21,11 +21,11 @@ from curvlib import (  # noqa: E402
     backend_class,
 )
 from curvlib.backends.backpack import (  # noqa: E402
-    MODULE_TABLES,
     BackPackEF,
     BackPackGGN,
     BackPackHessian,
 )
+from curvlib.capabilities import BACKPACK_MODULES as MODULE_TABLES  # noqa: E402
 
 TOL = 1e-8  # against brute force
 XTOL = 1e-7  # against the autograd backend (DESIGN: 1e-7 relative in float64)
@@ -182,7 +182,7 @@ def test_kron_with_subnetwork_raises():
 def test_dict_inputs_refused():
     model = nn.Sequential(nn.Linear(3, 2)).double()
     batch = {"input_ids": torch.randn(4, 3, dtype=torch.float64), "labels": torch.zeros(4).long()}
-    assert BackPackGGN.dict_inputs is False
+    assert not BackPackGGN.capability_row()['diag'].dict_inputs
     for structure in ("full", "diag", "kron"):
         with pytest.raises(CapabilityError, match="dict"):
             getattr(BackPackGGN(model, "classification"), structure)(batch)

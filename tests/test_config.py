@@ -121,24 +121,30 @@ def test_available_lists_capabilities():
     auto = table["autograd"]
     assert set(auto) == {"ggn", "fisher", "ef", "hessian"}
     assert auto["ggn"]["structures"] == ["full", "diag", "kron"]
-    assert auto["ggn"]["modules"]["diag"] == "any"
-    assert "Linear" in auto["ggn"]["modules"]["kron"]
+    assert auto["ggn"]["entry_points"]["diag"]["modules"] == "any"
+    assert auto["ggn"]["entry_points"]["kron"]["kfac_rules_for_other_layers"]
     assert auto["hessian"]["structures"] == ["full", "diag"]
+    bp = table["backpack"]["ggn"]["entry_points"]
+    assert "Linear" in bp["kron"]["modules"] and bp["kron"]["all_leaf_modules"]
+    assert bp["operator"]["impl"] == "shared"
 
 
 def test_supports_per_parameter():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    report = supports(model, "autograd", "ggn", "kron")
+    report = supports(model, "backpack", "ggn", "kron")
     assert not report.supported
     uncovered = [r["name"] for r in report.rows if not r["covered"]]
     assert uncovered == ["1.weight", "1.bias"]
     assert "LayerNorm" in str(report)
+    report = supports(model, "autograd", "ggn", "kron")  # every parameter by a rule
+    assert report.supported and "NormRule" in str(report)
     assert supports(model, "autograd", "ggn", "diag").supported
     report = supports(model, "autograd", "hessian", "kron")
     assert not any(r["covered"] for r in report.rows)
-    model[1].requires_grad_(False)
-    assert supports(model, "autograd", "ggn", "kron").supported
-    with pytest.raises(ValueError, match="known structures"):
+    model[1].requires_grad_(False)  # a frozen leaf BackPACK cannot pass still blocks it
+    report = supports(model, "backpack", "ggn", "kron")
+    assert not report.supported and report.blocking
+    with pytest.raises(ValueError, match="known"):
         supports(model, "autograd", "ggn", "blockdiag")
 
 

@@ -475,7 +475,7 @@ class _DictModel(nn.Module):
 def test_dict_inputs(backend, structure):
     """Dict inputs reach the curvlib backend (no "backpack" in the class name, so laplace
     does not refuse them up front): laplace's numbers of the plain-tensor model, or the
-    backend's own CapabilityError where it declares ``dict_inputs = False``."""
+    backend's own CapabilityError where its capability row has ``dict_inputs=False``."""
     _require_supported(backend, "ggn", structure)
     X, y = _data("classification")
     records = [{"input_ids": X[i], "labels": y[i]} for i in range(N_DATA)]
@@ -488,7 +488,7 @@ def test_dict_inputs(backend, structure):
         backend=laplace_backend(backend, "ggn"),
         prior_precision=PRIOR,
     )
-    if not getattr(curvlib.backend_class(backend, "ggn"), "dict_inputs", True):
+    if not curvlib.backend_class(backend, "ggn").capability_row()[structure].dict_inputs:
         with pytest.raises(curvlib.CapabilityError, match="dict inputs"):
             la.fit(loader)
         return

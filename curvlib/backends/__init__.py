@@ -2,21 +2,24 @@
 
 Curvature names: ``ggn`` (exact GGN), ``fisher`` (the GGN class with ``stochastic=True`` by
 default, i.e. the MC Fisher), ``ef`` (empirical Fisher) and ``hessian``. Backends register
-themselves here by import path, so importing curvlib does not import BackPACK or ASDL;
-research code adds its own with :func:`register_backend`.
+by import path, so importing curvlib imports neither BackPACK nor ASDL; research code adds
+its own with :func:`register_backend`, together with its rows of the capability table
+(:mod:`curvlib.capabilities`).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
+
+from curvlib import capabilities as _capabilities
 
 __all__ = [
     "CURVATURES",
     "register_backend",
     "backend_class",
     "backends_supporting",
-    "backends_supporting_module",
     "registry",
 ]
 
@@ -48,14 +51,56 @@ _REGISTRY: dict[str, dict[str, Any]] = {
 _FISHER_CACHE: dict[type, type] = {}
 
 
-def register_backend(name: str, curvature: str, cls: type | str) -> None:
+def register_backend(
+    name: str,
+    curvature: str,
+    cls: type | str,
+    capabilities: Mapping[str, _capabilities.Capability] | None = None,
+) -> None:
     """Register ``cls`` (a class or ``"module:Class"``) as ``name``'s ``curvature``.
 
-    Registering ``ggn`` also makes ``fisher`` available (the class with ``stochastic=True``).
+    Parameters
+    ----------
+    name : str
+        The backend's name (e.g. ``"mylib"``); ``cls.backend_name`` must equal it.
+    curvature : {"ggn", "ef", "hessian"}
+        Registering ``ggn`` also makes ``fisher`` available (the class with
+        ``stochastic=True``).
+    cls : type or str
+    capabilities : mapping, optional
+        The rows of the capability table, ``{entry point: Capability}`` (see
+        :mod:`curvlib.capabilities`). Default: the rows ``name`` has, else those of the
+        nearest base class of ``cls`` that has rows (a subclass computes what it inherits).
+
+    Raises
+    ------
+    ValueError
+        Unknown curvature, or no capability rows for a new backend.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; known curvatures: {list(CURVATURES)}")
+    if curvature not in CURVATURES or curvature == "fisher":
+        raise ValueError(
+            f"unknown curvature {curvature!r}; known curvatures: {list(CURVATURES)} (register "
+            "'ggn', 'ef' or 'hessian'; fisher is the ggn class with stochastic=True)"
+        )
+    if capabilities is None and not _capabilities.row(name, curvature):
+        capabilities = _inherited_rows(_load(cls), curvature)
+        if capabilities is None:
+            raise ValueError(
+                f"backend {name!r} has no capability rows for {curvature!r}: pass capabilities="
+                "{'full': Capability(...), ...} (see curvlib.capabilities)"
+            )
+    if capabilities is not None:
+        _capabilities.register_rows(name, curvature, capabilities)
     _REGISTRY.setdefault(name, {})[curvature] = cls
+
+
+def _inherited_rows(cls: type, curvature: str):
+    """The rows of the nearest base class with rows (a subclass computes what it inherits)."""
+    for base in cls.__mro__[1:]:
+        rows = _capabilities.row(getattr(base, "backend_name", ""), curvature)
+        if rows:
+            return dict(rows)
+    return None
 
 
 def _load(ref: type | str) -> type:
@@ -80,7 +125,12 @@ def _fisher(ggn: type) -> type:
         _FISHER_CACHE[ggn] = type(
             name,
             (ggn,),
-            {"__init__": __init__, "__module__": ggn.__module__, "__doc__": ggn.__doc__},
+            {
+                "__init__": __init__,
+                "__module__": ggn.__module__,
+                "__doc__": ggn.__doc__,
+                "_stochastic_default": True,
+            },
         )
     return _FISHER_CACHE[ggn]
 
@@ -104,7 +154,7 @@ def backend_class(backend: str, curvature: str = "ggn") -> type:
     ValueError
         For an unknown backend or curvature name; the message lists the known ones.
     """
-    if backend not in _REGISTRY:
+    if not isinstance(backend, str) or backend not in _REGISTRY:
         raise ValueError(f"unknown backend {backend!r}; known backends: {sorted(_REGISTRY)}")
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; known curvatures: {list(CURVATURES)}")
@@ -119,26 +169,9 @@ def backend_class(backend: str, curvature: str = "ggn") -> type:
 
 
 def backends_supporting(curvature: str, structure: str) -> list[str]:
-    """Names of registered backends that compute ``structure`` of ``curvature``."""
-    names = []
-    for name in _REGISTRY:
-        try:
-            cls = backend_class(name, curvature)
-        except (ValueError, ImportError):
-            continue
-        if structure in getattr(cls, "structures", ()):
-            names.append(name)
-    return names
-
-
-def backends_supporting_module(curvature: str, structure: str, module: Any) -> list[str]:
-    """Names of registered backends whose ``structure`` of ``curvature`` handles ``module``."""
-    names = []
-    for name in backends_supporting(curvature, structure):
-        cls = backend_class(name, curvature)
-        types = getattr(cls, "supported_modules", {}).get(structure)
-        owns = any(p.requires_grad for p in module.parameters(recurse=False))
-        all_leaves = getattr(cls, "checks_all_leaves", lambda s: False)(structure)
-        if types is None or isinstance(module, types) or (not owns and not all_leaves):
-            names.append(name)
-    return names
+    """Names of registered backends whose capability rows include ``structure`` of ``curvature``."""
+    return [
+        name
+        for name, curvs in registry().items()
+        if curvature in curvs and structure in _capabilities.row(name, curvature)
+    ]

@@ -1,23 +1,23 @@
-"""``backend="auto"``: per structure, the backend measured fastest (docs/performance.md).
+"""``backend="auto"``: per structure, the backend measured fastest (``docs/performance.md``).
 
-The autograd backend is the default for every structure: in ``bench/`` its per-layer rules
-are the fastest way to the GGN, MC Fisher and EF diagonals, K-FAC and dense matrices. The
-one exception is the Hessian diagonal, where BackPACK's ``DiagHessian`` (a backpropagated
-square root with second-derivative corrections) is orders of magnitude faster than
-autograd's Hessian-vector products (unless the model is a piecewise-linear chain, where the
-Hessian diagonal is the GGN diagonal and autograd's per-layer rule is fastest).
-:data:`AUTO_PREFERENCES` lists, per curvature and
-structure, the backends tried before autograd; a preferred backend that cannot handle the
-model (it raises :class:`~curvlib.UnsupportedModuleError`, :class:`~curvlib.CapabilityError`
-or :class:`~curvlib.SharedParameterError` before any work, leaving the model untouched)
-passes the call on to the next. This is the only place where curvlib chooses a backend for
-the user, and it is reported by ``curvlib.available()``.
+The autograd backend is the default for every structure: its per-layer rules are the
+fastest way to the GGN, MC Fisher and EF diagonals, K-FAC and dense matrices. The one
+exception is the Hessian diagonal of a model that is not a piecewise-linear chain, where
+BackPACK's ``DiagHessian`` (a backpropagated square root with second-derivative corrections)
+is orders of magnitude faster than autograd's Hessian-vector products.
+:data:`AUTO_PREFERENCES` lists, per curvature and structure, the backends tried before
+autograd; a preferred backend whose capability row refuses the model
+(:class:`~curvlib.UnsupportedModuleError`, :class:`~curvlib.CapabilityError`,
+:class:`~curvlib.SharedParameterError`, raised before any work) passes the call on to the
+next. This is the only place where curvlib chooses a backend for the user, and
+``curvlib.available()`` reports it.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from curvlib._call import Call
 from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
 from curvlib.errors import CapabilityError, SharedParameterError, UnsupportedModuleError
 
@@ -26,6 +26,7 @@ __all__ = ["AUTO_PREFERENCES", "AutoGGN", "AutoEF", "AutoHessian"]
 #: ``{curvature: {structure: backends tried before autograd}}``.
 AUTO_PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "ggn": {},
+    "fisher": {},
     "ef": {},
     "hessian": {"diag": ("backpack",)},
 }
@@ -34,24 +35,29 @@ _PASS_ON = (UnsupportedModuleError, CapabilityError, SharedParameterError)
 
 
 class _Auto:
-    """Dispatch ``full`` / ``diag`` / ``kron`` to the preferred backends, then autograd."""
+    """Hooks that try the preferred backends' public methods, then autograd's hook."""
 
     backend_name: ClassVar[str] = "auto"
 
     @classmethod
-    def preferences(cls) -> dict[str, tuple[str, ...]]:
+    def preferences(cls, curvature: str | None = None) -> dict[str, tuple[str, ...]]:
         """Per structure, the backends tried in order (autograd last)."""
-        prefs = AUTO_PREFERENCES.get(cls.curvature_name(), {})
-        return {s: (*prefs.get(s, ()), "autograd") for s in cls.structures}
+        name = curvature or cls.curvature_name()
+        prefs = AUTO_PREFERENCES.get(name, {})
+        return {s: (*prefs.get(s, ()), "autograd") for s in cls.structures_of(name)}
 
-    def _delegate(self, structure: str, *args: Any, **kwargs: Any) -> Any:
+    def _delegate(self, structure: str, call: Call) -> tuple[Any, Any] | None:
         from curvlib.backends import backend_class
 
-        options = dict(self.backend_options, kfac_approx=self.kfac_approx)
-        if hasattr(self, "stochastic"):
-            options.update(stochastic=self.stochastic, num_samples=self.num_samples)
-        for name in self.preferences()[structure][:-1]:
-            other = backend_class(name, self.curvature_name())(
+        for name in self.preferences(self.curvature_key())[structure][:-1]:
+            try:
+                cls = backend_class(name, self.curvature_name())
+            except ImportError:
+                continue
+            options = {"kfac_approx": self.kfac_approx, "memory_limit": self.memory_limit}
+            if hasattr(self, "stochastic"):
+                options.update(stochastic=self.stochastic, num_samples=self.num_samples)
+            other = cls(
                 self.model,
                 self.lik,
                 last_layer=self.last_layer,
@@ -60,25 +66,30 @@ class _Auto:
                 dict_key_y=self.dict_key_y,
                 **options,
             )
-            if structure not in other.structures:
-                continue
+            kw = {"generator": call.generator, "num_samples": call.num_samples}
+            if structure == "kron":
+                kw["kfac_approx"] = call.kfac_approx
             try:
-                return getattr(other, structure)(*args, **kwargs)
+                loss, result = getattr(other, structure)(call.x, call.y, N=call.N, **kw)
             except _PASS_ON:
                 continue
-        return getattr(super(), structure)(*args, **kwargs)
+            if structure == "diag" and call.idx is not None:
+                # the template selects the subnetwork of the full-length diagonal
+                full = result.new_zeros(self.num_params).index_copy_(0, call.idx, result)
+                return loss, full
+            return loss, result
+        return None
 
-    def full(self, *args: Any, **kwargs: Any) -> Any:
-        """Dense curvature by the preferred backend (see :data:`AUTO_PREFERENCES`)."""
-        return self._delegate("full", *args, **kwargs)
+    def _diag(self, call: Call):
+        if self.curvature_name() == "hessian" and self.diag_is_ggn_diag():
+            return super()._diag(call)
+        return self._delegate("diag", call) or super()._diag(call)
 
-    def diag(self, *args: Any, **kwargs: Any) -> Any:
-        """Diagonal by the preferred backend (see :data:`AUTO_PREFERENCES`)."""
-        return self._delegate("diag", *args, **kwargs)
+    def _full(self, call: Call):
+        return self._delegate("full", call) or super()._full(call)
 
-    def kron(self, *args: Any, **kwargs: Any) -> Any:
-        """K-FAC by the preferred backend (see :data:`AUTO_PREFERENCES`)."""
-        return self._delegate("kron", *args, **kwargs)
+    def _kron(self, call: Call):
+        return self._delegate("kron", call) or super()._kron(call)
 
 
 class AutoGGN(_Auto, AutogradGGN):
@@ -92,15 +103,7 @@ class AutoEF(_Auto, AutogradEF):
 class AutoHessian(_Auto, AutogradHessian):
     """Hessian with the fastest backend per structure.
 
-    The diagonal: autograd's GGN-diagonal rule where it is exact (a piecewise-linear
-    chain, :meth:`~curvlib.AutogradHessian.diag_is_ggn_diag`), else BackPACK's
-    ``DiagHessian``, else autograd's Hessian-vector products.
+    The diagonal: autograd's GGN-diagonal rule where it is exact (a piecewise-linear chain,
+    :meth:`~curvlib.AutogradHessian.diag_is_ggn_diag`), else BackPACK's ``DiagHessian``,
+    else autograd's Hessian-vector products.
     """
-
-    def diag(self, *args: Any, **kwargs: Any) -> Any:
-        if self.diag_is_ggn_diag():
-            return AutogradHessian.diag(self, *args, **kwargs)
-        return self._delegate("diag", *args, **kwargs)
-
-    def kron(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._unsupported("kron")

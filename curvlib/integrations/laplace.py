@@ -40,7 +40,6 @@ already returns it, so ``N`` is passed through and nothing is rescaled here.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -342,15 +341,7 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
 
 def _accepted_options(cls: type) -> set[str]:
     """Keyword arguments the curvlib class ``cls`` accepts besides the laplace-set ones."""
-    names = {"kfac_approx", *getattr(cls, "extra_options", ())}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for prm in inspect.signature(init).parameters.values():
-            if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY) and prm.name != "self":
-                names.add(prm.name)
-    return names - set(_SET_BY_LAPLACE)
+    return set(cls.accepted_options()) - set(_SET_BY_LAPLACE)
 
 
 def _options_repr(options: Mapping[str, Any]) -> str:

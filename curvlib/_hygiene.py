@@ -1,0 +1,107 @@
+"""Hygiene: every curvature call leaves the user's model and process as it found them.
+
+:func:`preserved_model` is the one place where this is done. The template of
+:class:`~curvlib.interface.CurvatureInterface` runs every backend hook inside it, so a
+backend (BackPACK's ``extend``, ASDL's hooks, curvlib's own forward hooks) cannot leave
+hooks, attributes, ``.grad`` changes, mode changes, buffer changes or global-RNG changes
+behind, also when it raises.
+
+:func:`differentiable_kernels` switches, for the duration of a call, the fused inference
+kernels of attention off (``nn.MultiheadAttention``'s and ``nn.TransformerEncoderLayer``'s
+fast path, the flash and memory-efficient scaled-dot-product kernels): they have no
+forward-mode derivative and no double backward, which the curvature products need. The
+math kernel computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["preserved_model", "differentiable_kernels"]
+
+
+@contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Use attention kernels that every autograd transform can differentiate.
+
+    Inside the block ``torch.backends.mha`` fast paths are off and scaled dot-product
+    attention uses its math kernel; both settings are restored on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@contextmanager
+def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
+    """Run a block that may hook, extend or backpropagate through ``model``; undo it all.
+
+    On exit (also on error) every module gets back exactly its attributes (hooks dicts,
+    BackPACK's ``input0``/``output``/``_backpack_extend``, ASDL's operations, ...), its
+    training flag and its parameters' attributes, ``requires_grad`` and ``.grad``: the
+    ``.grad`` tensors are set aside during the block (so a backward pass inside writes fresh
+    ones) and put back unchanged. Buffer values changed in place (running statistics) are
+    copied back. With ``rng=True`` the global CPU (and CUDA) RNG state is restored too, so a
+    library that reseeds or draws from it leaves no trace.
+
+    Inside the block, a ``_is_full_backward_hook`` flag that torch left on a module whose
+    backward hooks are gone (after BackPACK's or ASDL's hooks were removed elsewhere) is
+    cleared, so that either library can register its own kind of backward hook; it is put
+    back on exit like every attribute.
+    """
+    modules = list(model.modules())
+    saved_mods = []
+    for m in modules:
+        attrs = dict(m.__dict__)
+        containers = {k: list(v.items()) for k, v in attrs.items() if isinstance(v, dict)}
+        saved_mods.append((m, attrs, containers))
+    params = list(model.parameters())
+    saved_params = [(p, dict(p.__dict__), p.grad, p.requires_grad) for p in params]
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    for p in params:
+        p.grad = None
+    for m in modules:
+        if m.__dict__.get("_is_full_backward_hook") is not None and not m._backward_hooks:
+            m._is_full_backward_hook = None
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices, enabled=rng):
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for b, value in saved_buffers:
+                    if not torch.equal(b, value):
+                        b.copy_(value)
+            for m, attrs, containers in saved_mods:
+                for k in set(m.__dict__) - set(attrs):
+                    del m.__dict__[k]
+                for k, v in attrs.items():
+                    if m.__dict__.get(k) is not v:
+                        m.__dict__[k] = v
+                for k, items in containers.items():
+                    d = m.__dict__[k]
+                    now = list(d.items())
+                    same = len(now) == len(items) and all(
+                        k1 == k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(now, items, strict=True)
+                    )
+                    if not same:
+                        d.clear()
+                        d.update(items)
+            for p, attrs, grad, requires_grad in saved_params:
+                for k in set(p.__dict__) - set(attrs):
+                    delattr(p, k)
+                for k, v in attrs.items():
+                    if p.__dict__.get(k) is not v:
+                        p.__dict__[k] = v
+                p.requires_grad_(requires_grad)
+                p.grad = grad

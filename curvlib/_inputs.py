@@ -1,0 +1,189 @@
+"""Validation of inputs, targets and call options, before any work; batch slicing.
+
+Every check raises a named curvlib error (:mod:`curvlib.errors`) whose message names what
+was given, what was expected and the fix. Nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from curvlib.errors import InputError, NonFiniteError, TargetError
+
+__all__ = [
+    "batch_size",
+    "check_inputs",
+    "check_targets",
+    "check_num_data",
+    "check_positive_int",
+    "slice_batch",
+    "split_batch",
+    "describe",
+]
+
+
+def describe(x: Any) -> str:
+    """``shape (..) and dtype ..`` of a tensor, or the shapes of a dict's tensors."""
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, Mapping):
+        parts = [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in x.items() if isinstance(v, Tensor)]
+        return "a dict {" + ", ".join(parts) + "}"
+    return f"a {type(x).__name__}"
+
+
+def batch_size(x: Any, dict_key_x: str) -> int:
+    """The batch size ``B`` of an input tensor or dict (``x[dict_key_x].shape[0]``)."""
+    if isinstance(x, Mapping):
+        if dict_key_x not in x:
+            raise InputError(f"dict input has no key {dict_key_x!r} (dict_key_x); keys: {list(x)}")
+        t = x[dict_key_x]
+        if not isinstance(t, Tensor) or t.ndim == 0:
+            raise InputError(f"dict input {dict_key_x!r} must be a batched tensor, got {describe(t)}")
+        return int(t.shape[0])
+    if not isinstance(x, Tensor):
+        raise InputError(f"x must be a tensor or a dict of tensors, got {type(x).__name__}")
+    if x.ndim == 0:
+        raise InputError("x must have a batch dimension, got a 0-dim tensor")
+    return int(x.shape[0])
+
+
+def _bad_rows(t: Tensor) -> list[int]:
+    B = t.shape[0]
+    bad = ~torch.isfinite(t.reshape(B, -1)).all(dim=1)
+    return bad.nonzero().flatten().tolist()
+
+
+def _indices(idx: list[int]) -> str:
+    return f"{idx[:10]}" + (" ..." if len(idx) > 10 else "")
+
+
+def check_inputs(x: Any, dict_key_x: str, device: torch.device, dtype: torch.dtype) -> int:
+    """Check device, dtype, batch size and finiteness of every input tensor; return ``B``.
+
+    Floating-point inputs must have the model's dtype; integer inputs (token ids) are
+    passed on as they are.
+    """
+    B = batch_size(x, dict_key_x)
+    leaves = tree_flatten(dict(x) if isinstance(x, Mapping) else x)[0]
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            continue
+        if leaf.device != device:
+            raise InputError(
+                f"input is on {leaf.device} but the model is on {device}; "
+                f"move it with x.to({str(device)!r})"
+            )
+        if torch.is_floating_point(leaf) and leaf.dtype != dtype:
+            raise InputError(
+                f"input has dtype {leaf.dtype} but the model's parameters have dtype "
+                f"{dtype}; convert with x.to({dtype})"
+            )
+        if torch.is_complex(leaf):
+            raise InputError(f"complex inputs are not supported, got {describe(leaf)}")
+        if leaf.shape[:1] != (B,):
+            raise InputError(
+                f"every input tensor must have batch size {B} first, got {tuple(leaf.shape)}"
+            )
+        # one cheap reduction first (NaN and inf propagate through a sum)
+        if torch.is_floating_point(leaf) and leaf.numel() and not leaf.is_meta:
+            if not bool(leaf.sum().isfinite()):
+                bad = _bad_rows(leaf)
+                if bad:
+                    raise NonFiniteError(
+                        f"the inputs contain NaN or infinite values at batch indices {_indices(bad)}"
+                    )
+    if B == 0:
+        raise InputError("the batch is empty (batch size 0)")
+    return B
+
+
+def check_targets(y: Any, B: int, device: torch.device, likelihood: str) -> Tensor:
+    """Checks on the targets that need no forward pass; integer labels become ``long``.
+
+    The rest (shape against the output, class range) is the likelihood's
+    ``check_target``, after the first forward pass.
+    """
+    if not isinstance(y, Tensor):
+        raise TargetError(f"targets must be a tensor, got {type(y).__name__}")
+    if y.ndim == 0 or y.shape[0] != B:
+        raise TargetError(f"targets must have batch size {B} first, got shape {tuple(y.shape)}")
+    if y.device != device:
+        raise TargetError(f"targets are on {y.device} but the model is on {device}")
+    if torch.is_complex(y):
+        raise TargetError(f"complex targets are not supported, got {describe(y)}")
+    if likelihood == "classification":
+        if y.dtype == torch.bool:
+            raise TargetError(
+                f"classification targets must be integer class indices, got {describe(y)}; "
+                "pass y.long()"
+            )
+        if not torch.is_floating_point(y) and y.dtype != torch.long:
+            y = y.long()  # int8/16/32, uint8: the same labels as int64
+    elif torch.is_floating_point(y) and y.numel() and not y.is_meta:
+        if not bool(y.sum().isfinite()):
+            bad = _bad_rows(y)
+            if bad:
+                raise NonFiniteError(
+                    f"the regression targets contain NaN or infinite values at batch indices "
+                    f"{_indices(bad)}"
+                )
+    return y
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as a positive int (an integral float is accepted); else ``InputError``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real, Tensor)):
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() and not value.isfinite().all():
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        value = value.item()
+    if isinstance(value, numbers.Integral):
+        n = int(value)
+    else:
+        v = float(value)
+        if not math.isfinite(v) or v != math.floor(v):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        n = int(v)
+    if n < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
+def check_num_data(N: Any, B: int) -> int:
+    """``N`` (the number of data points of the whole data set) as an int ``>= B``."""
+    n = check_positive_int("N (the number of data points)", N)
+    if n < B:
+        raise InputError(
+            f"N (the number of data points) must be at least the batch size {B}, got {N!r}: "
+            "N counts the data points of the whole data set the batch belongs to"
+        )
+    return n
+
+
+def slice_batch(inp: Any, s: slice) -> Any:
+    """Rows ``s`` of every tensor of an input (tensor, dict or nested structure)."""
+    if isinstance(inp, Mapping):
+        return {k: (v[s] if isinstance(v, Tensor) else v) for k, v in inp.items()}
+    return tree_map(lambda t: t[s] if isinstance(t, Tensor) else t, inp)
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(x, y)`` of one batch of a data set: a pair ``(x, y)``, or a dict holding both."""
+    if isinstance(batch, Mapping):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise InputError(
+        "every batch of the data must be a pair (x, y) or a dict holding the targets under "
+        f"dict_key_y, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )

@@ -1,0 +1,554 @@
+r"""K-FAC layer rules as data: one :class:`KFACRule` per module type, in one table.
+
+A rule says, for one module type, how K-FAC reads the layer:
+
+* which parameters it covers (:meth:`KFACRule.params`) and when it cannot
+  (:meth:`KFACRule.problem`);
+* how the layer inputs ``a`` and output cotangents ``g`` are recorded
+  (:meth:`KFACRule.install`: forward hooks, one :class:`Site` per call and linear map);
+* the number of shared locations ``L`` and how ``expand``/``reduce`` apply
+  (:meth:`KFACRule.factors`);
+* how the factors map onto the stored weight's row-major flattening (``layout``);
+* the exact per-sample products :math:`J_n^\top c_{n,k}` of its parameters
+  (:meth:`KFACRule.products`), which the diagonal, the dense matrix and EKFAC use.
+
+Every linear map ``y_l = W a_l (+ b)`` applied at ``L`` locations (a Linear layer on
+sequences, a convolution's output positions) is a :class:`LinearLikeRule`: with
+``a (B, L, g, r)`` and ``g (K, B, L, g, o)`` (``g`` groups, block-diagonal),
+
+* ``expand``: :math:`G = \sum_{k,n,l} g g^\top`, :math:`A = \frac1{NL}\sum_{n,l} a a^\top`;
+* ``reduce``: :math:`G = \sum_{k,n} \hat g\hat g^\top` (:math:`\hat g = \sum_l g`),
+  :math:`A = \frac1N \sum_n \bar a\bar a^\top` (:math:`\bar a = \frac1L\sum_l a`);
+
+a module called several times contributes every call's locations. A weight stored as
+``(g·o, r)`` (``layout="GA"``: Linear, Conv) gets ``[G, A]``; one stored as ``(g·r, o)``
+(``layout="AG"``: transformers' ``Conv1D``, Embedding, ConvTranspose) gets ``[A, G]``, so
+that the Kronecker product always matches the stored weight's flattening. With groups the
+factors carry a leading group dimension (``(g, o, o)``, ``(g, r, r)``). Biases get ``[G]``.
+
+Layers whose parameters are not linear maps of their input (normalization layers) get
+:class:`ExactBlockRule`: the exact curvature block of each parameter tensor, dense up to
+:data:`DENSE_BLOCK_MAX` entries and diagonal (a 1-D factor) above.
+
+Researchers add a layer with :func:`register_kfac_rule`; see ``docs/kfac.md`` for a worked
+example.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "DENSE_BLOCK_MAX",
+    "Site",
+    "KFACRule",
+    "LinearLikeRule",
+    "LinearRule",
+    "ConvRule",
+    "ConvTransposeRule",
+    "HFConv1DRule",
+    "EmbeddingRule",
+    "ExactBlockRule",
+    "NormRule",
+    "register_kfac_rule",
+    "rule_for",
+    "kfac_rules",
+    "unfold",
+]
+
+#: Parameter tensors with at most this many entries get a dense exact block; larger ones
+#: a diagonal (1-D) factor.
+DENSE_BLOCK_MAX = 2048
+
+
+@dataclass
+class Site:
+    """One application of a layer's map in a forward pass.
+
+    Attributes
+    ----------
+    role : str
+        Which map of the module (``"main"``; multi-map layers name theirs).
+    a : Any
+        The recorded input (detached).
+    out : Tensor
+        The output, with its graph (the cotangents are taken with respect to it).
+    g : Tensor or None
+        After the backward pass: the cotangents ``(K, *out.shape)``.
+    """
+
+    role: str
+    a: Any
+    out: Tensor
+    versions: tuple[int, int] = (0, 0)
+    g: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Record = Callable[[nn.Module, Site], Tensor | None]
+
+
+class KFACRule:
+    """How K-FAC and the per-layer products read one module type (subclass it).
+
+    A subclass implements :meth:`factors` and :meth:`products` (and may override
+    :meth:`install`, :meth:`params`, :meth:`problem`, :meth:`squares`).
+    """
+
+    #: names of the module's own parameters the rule covers
+    names: tuple[str, ...] = ("weight", "bias")
+
+    def params(self, module: nn.Module) -> dict[str, Tensor]:
+        """The parameters covered, by name relative to ``module``."""
+        return {
+            n: p for n, p in module.named_parameters(recurse=False) if n in self.names
+        }
+
+    def problem(self, module: nn.Module) -> str:
+        """Why the rule cannot handle ``module`` (empty if it can)."""
+        return ""
+
+    def install(self, module: nn.Module, record: Record) -> list[Any]:
+        """Register hooks that call ``record(module, site)`` once per call; return handles.
+
+        The default records the first positional input and the output of ``forward``.
+        ``record`` may return a tensor that replaces the output (a protected copy).
+        """
+
+        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+            return record(mod, Site("main", args[0], out))
+
+        return [module.register_forward_hook(hook)]
+
+    def factors(
+        self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
+    ) -> dict[str, list[Tensor]]:
+        """Kronecker factors of the parameters ``names`` (``[..]`` per name)."""
+        raise NotImplementedError
+
+    def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        r"""Per-sample products :math:`V_{n,k} = J_n^\top c_{n,k}`, ``(B, K, numel)`` per name."""
+        raise NotImplementedError
+
+    def squares(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        r"""The diagonal :math:`\sum_{n,k} V_{n,k}^2` per name (``(numel,)``)."""
+        return {n: v.pow(2).sum((0, 1)) for n, v in self.products(module, sites, names).items()}
+
+
+# -- linear maps ----------------------------------------------------------------------------
+class LinearLikeRule(KFACRule):
+    """A map linear in its weight applied at ``L`` locations (see the module docstring).
+
+    Subclasses implement :meth:`patches` and :meth:`grads`; ``layout`` is ``"GA"`` for a
+    weight stored as ``(g·o, r)`` and ``"AG"`` for one stored as ``(g·r, o)``.
+    """
+
+    layout: str = "GA"
+
+    def patches(self, module: nn.Module, site: Site) -> Tensor:
+        """Layer inputs ``(B, L, g, r)`` in the order of the stored weight's ``r`` index."""
+        raise NotImplementedError
+
+    def grads(self, module: nn.Module, site: Site) -> Tensor:
+        """Output cotangents ``(K, B, L, g, o)``."""
+        raise NotImplementedError
+
+    def bias_grads(self, module: nn.Module, site: Site) -> Tensor:
+        """Cotangents ``(K, B, L, g, o_b)`` of the bias's output (default :meth:`grads`)."""
+        return self.grads(module, site)
+
+    @staticmethod
+    def _squeeze(t: Tensor) -> Tensor:
+        return t[0] if t.shape[0] == 1 else t
+
+    def _G(self, gs: list[Tensor], approx: str) -> Tensor:
+        if approx == "reduce":
+            ghat = sum(g.sum(2) for g in gs)  # (K, B, g, o)
+            return torch.einsum("kbgo,kbgp->gop", ghat, ghat)
+        return sum(torch.einsum("kblgo,kblgp->gop", g, g) for g in gs)
+
+    def factors(
+        self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
+    ) -> dict[str, list[Tensor]]:
+        out: dict[str, list[Tensor]] = {}
+        if "weight" in names:
+            gs = [self.grads(module, s) for s in sites]
+            ps = [self.patches(module, s) for s in sites]
+            G = self._G(gs, approx)
+            L = sum(p.shape[1] for p in ps)
+            if approx == "reduce":
+                abar = sum(p.sum(1) for p in ps) / L  # (B, g, r)
+                A = torch.einsum("bgr,bgs->grs", abar, abar) / N
+            else:
+                A = sum(torch.einsum("blgr,blgs->grs", p, p) for p in ps) / (N * L)
+            G, A = self._squeeze(G), self._squeeze(A)
+            out["weight"] = [G, A] if self.layout == "GA" else [A, G]
+        if "bias" in names:
+            out["bias"] = [self._squeeze(self._G([self.bias_grads(module, s) for s in sites], approx))]
+        return out
+
+    def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            eq = "kblgo,blgr->bkgor" if self.layout == "GA" else "kblgo,blgr->bkgro"
+            v = sum(torch.einsum(eq, self.grads(module, s), self.patches(module, s)) for s in sites)
+            out["weight"] = v.flatten(2)
+        if "bias" in names:
+            b = sum(self.bias_grads(module, s).sum(2) for s in sites)  # (K, B, g, o)
+            out["bias"] = b.flatten(2).transpose(0, 1)
+        return out
+
+    def squares(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        if len(sites) != 1:
+            return super().squares(module, sites, names)
+        s = sites[0]
+        g, a = self.grads(module, s), self.patches(module, s)
+        K, B, L, ng, o = g.shape
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            if L == 1:  # no weight sharing: sum_{n,k} g^2 (a^2)^T, never per-sample gradients
+                g2 = g[:, :, 0].square().sum(0)  # (B, g, o)
+                eq = "bgo,bgr->gor" if self.layout == "GA" else "bgo,bgr->gro"
+                out["weight"] = torch.einsum(eq, g2, a[:, 0].square()).flatten()
+            else:  # per-sample gradients, a chunk of columns at a time
+                eq = "kblgo,blgr->kbgor" if self.layout == "GA" else "kblgo,blgr->kbgro"
+                step = max(1, 2**25 // max(1, B * ng * o * a.shape[-1]))
+                w = 0
+                for k in range(0, K, step):
+                    v = torch.einsum(eq, g[k : k + step], a)
+                    w = w + v.mul_(v).sum((0, 1))
+                out["weight"] = w.flatten()
+        if "bias" in names:
+            out["bias"] = self.bias_grads(module, s).sum(2).square().sum((0, 1)).flatten()
+        return out
+
+
+class LinearRule(LinearLikeRule):
+    """``nn.Linear`` on inputs ``(B, *, in)``: every leading position is a location."""
+
+    def patches(self, module: nn.Module, site: Site) -> Tensor:
+        a = site.a
+        return a.reshape(a.shape[0], -1, 1, a.shape[-1])
+
+    def grads(self, module: nn.Module, site: Site) -> Tensor:
+        g = site.g
+        return g.reshape(g.shape[0], g.shape[1], -1, 1, g.shape[-1])
+
+
+class HFConv1DRule(LinearRule):
+    """transformers' ``Conv1D`` (GPT-2): a Linear layer whose weight is stored ``(in, out)``."""
+
+    layout = "AG"
+
+
+def _conv_padding(
+    kernel: tuple[int, ...], dilation: tuple[int, ...], padding: Any
+) -> list[tuple[int, int]]:
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        out = []
+        for ki, di in zip(kernel, dilation, strict=True):
+            total = di * (ki - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    return [(p, p) for p in padding]
+
+
+def unfold(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: Any,
+    dilation: tuple[int, ...],
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Patches of an N-d convolution: ``(B, L, C * prod(kernel))``.
+
+    The patch entries are ordered like the row-major flattening of a convolution weight's
+    ``weight[o]`` (channel, then kernel positions); ``L`` counts the output locations.
+    """
+    nd = len(kernel)
+    pads = _conv_padding(kernel, dilation, padding)
+    flat = [v for pair in reversed(pads) for v in pair]
+    if any(flat):
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x = F.pad(x, flat, mode=mode)
+    for i in range(nd):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    B, C = x.shape[:2]
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    L = math.prod(x.shape[1 : 1 + nd])
+    return x.reshape(B, L, C * math.prod(kernel))
+
+
+class ConvRule(LinearLikeRule):
+    """``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups): patches by unfolding."""
+
+    def problem(self, module: nn.Module) -> str:
+        if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            return f"padding_mode={module.padding_mode!r}"
+        return ""
+
+    def patches(self, module: nn.Module, site: Site) -> Tensor:
+        m = module
+        p = unfold(site.a, m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
+        return p.reshape(p.shape[0], p.shape[1], m.groups, -1)
+
+    def grads(self, module: nn.Module, site: Site) -> Tensor:
+        g = site.g  # (K, B, out, *spatial)
+        K, B, out = g.shape[:3]
+        return g.reshape(K, B, out, -1).transpose(2, 3).reshape(K, B, -1, module.groups, out // module.groups)
+
+
+class ConvTransposeRule(LinearLikeRule):
+    """``nn.ConvTranspose1d/2d/3d``: a Linear map ``in -> out·prod(kernel)`` per input location.
+
+    The transposed convolution scatters :math:`W^\top a_l` over the output (col2im), so
+    the cotangent of input location ``l`` is the unfolded output cotangent at ``l``; the
+    weight ``(in, out/g, *k)`` gets ``[A (in×in), G (out·k × out·k)]`` (``layout="AG"``),
+    its bias the output cotangents at the output locations.
+    """
+
+    layout = "AG"
+
+    def problem(self, module: nn.Module) -> str:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        return ""
+
+    def patches(self, module: nn.Module, site: Site) -> Tensor:
+        a = site.a  # (B, in, *spatial)
+        B, C = a.shape[:2]
+        return a.reshape(B, C, -1).transpose(1, 2).reshape(B, -1, module.groups, C // module.groups)
+
+    def grads(self, module: nn.Module, site: Site) -> Tensor:
+        m, g = module, site.g  # (K, B, out, *spatial_out)
+        K, B = g.shape[:2]
+        cols = unfold(g.flatten(0, 1), m.kernel_size, m.stride, m.padding, m.dilation)
+        L = cols.shape[1]
+        if L != math.prod(site.a.shape[2:]):
+            raise RuntimeError(f"ConvTranspose rule: {L} unfolded locations for input {tuple(site.a.shape)}")
+        return cols.reshape(K, B, L, m.groups, -1)
+
+    def bias_grads(self, module: nn.Module, site: Site) -> Tensor:
+        g = site.g
+        K, B, out = g.shape[:3]
+        return g.reshape(K, B, out, -1).transpose(2, 3).reshape(K, B, -1, module.groups, out // module.groups)
+
+
+class EmbeddingRule(KFACRule):
+    r"""``nn.Embedding``: a Linear map of one-hot inputs; ``A`` is diagonal from token counts.
+
+    The weight ``(V, D)`` gets ``[A (V,), G (D×D)]`` (``layout AG``): ``expand``
+    :math:`A = \frac{1}{NL}\operatorname{counts}`, :math:`G = \sum_{k,n,l} g g^\top`;
+    ``reduce`` :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` with :math:`\bar a_n` the
+    token frequencies of sample ``n`` (dense ``V×V``). Positions at ``padding_idx`` get no
+    gradient and are not counted.
+    """
+
+    names = ("weight",)
+
+    def problem(self, module: nn.Module) -> str:
+        if module.max_norm is not None:
+            return "max_norm renormalizes the weight in place during the forward pass"
+        return ""
+
+    @staticmethod
+    def _tokens(module: nn.Module, site: Site) -> tuple[Tensor, Tensor]:
+        idx = site.a.reshape(site.a.shape[0], -1)  # (B, L)
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        if module.padding_idx is not None:
+            keep = idx != module.padding_idx
+        return idx, keep
+
+    @staticmethod
+    def _g(site: Site) -> Tensor:
+        g = site.g
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # (K, B, L, D)
+
+    def factors(
+        self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
+    ) -> dict[str, list[Tensor]]:
+        V = module.num_embeddings
+        ref = module.weight
+        L = sum(self._tokens(module, s)[0].shape[1] for s in sites)
+        if approx == "reduce":
+            ghat = sum(self._g(s).sum(2) for s in sites)
+            G = torch.einsum("kbd,kbe->de", ghat, ghat)
+            freq = 0
+            for s in sites:
+                idx, keep = self._tokens(module, s)
+                counts = torch.zeros(idx.shape[0], V, dtype=ref.dtype, device=ref.device)
+                freq = freq + counts.scatter_add_(1, idx, keep.to(ref.dtype))
+            freq = freq / L
+            A = freq.T @ freq / N
+        else:
+            G = sum(torch.einsum("kbld,kble->de", g, g) for g in map(self._g, sites))
+            A = torch.zeros(V, dtype=ref.dtype, device=ref.device)
+            for s in sites:
+                idx, keep = self._tokens(module, s)
+                A.scatter_add_(0, idx.flatten(), keep.flatten().to(ref.dtype))
+            A = A / (N * L)
+        return {"weight": [A, G]}
+
+    def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        V = module.num_embeddings
+        out = 0
+        for s in sites:
+            g = self._g(s)
+            K, B, L, D = g.shape
+            idx, keep = self._tokens(module, s)
+            g = g * keep[None, :, :, None].to(g.dtype)
+            v = g.new_zeros(K, B, V, D)
+            v.scatter_add_(2, idx[None, :, :, None].expand(K, B, L, D), g)
+            out = out + v
+        return {"weight": out.transpose(0, 1).flatten(2)}
+
+
+# -- exact blocks of elementwise-affine layers ---------------------------------------------
+class ExactBlockRule(KFACRule):
+    """The exact curvature block of each parameter tensor (dense, or diagonal above
+    :data:`DENSE_BLOCK_MAX` entries), from the per-sample products."""
+
+    def factors(
+        self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
+    ) -> dict[str, list[Tensor]]:
+        out = {}
+        for name, v in self.products(module, sites, names).items():
+            v = v.flatten(0, 1)
+            out[name] = [v.pow(2).sum(0) if v.shape[1] > DENSE_BLOCK_MAX else v.T @ v]
+        return out
+
+
+class NormRule(ExactBlockRule):
+    r"""LayerNorm, GroupNorm and BatchNorm/InstanceNorm in eval mode: ``y = w ⊙ x̂ + b``.
+
+    Per sample, the weight's product is :math:`\sum g \odot \hat x` and the bias's
+    :math:`\sum g`, summed over the positions the parameter is broadcast over; each
+    parameter gets its exact block ``[H]``.
+    """
+
+    def problem(self, module: nn.Module) -> str:
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is None:
+            return "without running statistics the eval-mode output depends on the whole batch"
+        return ""
+
+    def _xhat_dims(self, module: nn.Module, a: Tensor) -> tuple[Tensor, list[int]]:
+        """The normalized input ``x̂`` and the dims of it that the parameters span."""
+        if isinstance(module, nn.LayerNorm):
+            k = len(module.normalized_shape)
+            xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+            return xhat, list(range(a.ndim - k, a.ndim))
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(a, module.num_groups, None, None, module.eps), [1]
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            xhat = F.batch_norm(
+                a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+            )
+            return xhat, [1]
+        raise TypeError(f"NormRule does not know {type(module).__name__}")
+
+    def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for s in sites:
+            xhat, keep = self._xhat_dims(module, s.a)
+            g = s.g  # (K, B, *a.shape[1:])
+            red = [d + 1 for d in range(1, xhat.ndim) if d not in keep]
+            parts = {}
+            if "weight" in names:
+                parts["weight"] = (g * xhat).sum(red) if red else g * xhat
+            if "bias" in names:
+                parts["bias"] = g.sum(red) if red else g
+            for n, v in parts.items():
+                v = v.flatten(2).transpose(0, 1)
+                out[n] = v if n not in out else out[n] + v
+        return out
+
+
+# -- the table ------------------------------------------------------------------------------
+_RULES: dict[type[nn.Module], KFACRule] = {}
+#: rules for classes of optional libraries, registered when the library is imported:
+#: ``(module name, class name, rule)``
+_LAZY: list[tuple[str, str, KFACRule]] = [("transformers.pytorch_utils", "Conv1D", HFConv1DRule())]
+
+
+def register_kfac_rule(module_type: type[nn.Module], rule: KFACRule, *, overwrite: bool = False) -> None:
+    """Register ``rule`` for ``module_type`` (and its subclasses that keep its ``forward``).
+
+    Parameters
+    ----------
+    module_type : type
+        A subclass of ``torch.nn.Module``.
+    rule : KFACRule
+        An instance; see :class:`LinearLikeRule` for maps linear in their weight (implement
+        ``patches`` and ``grads``) and :class:`ExactBlockRule` for exact blocks.
+    overwrite : bool, default False
+        Replace an existing rule of ``module_type``.
+
+    Raises
+    ------
+    TypeError
+        For a ``module_type`` that is not a module class or a ``rule`` that is not a
+        :class:`KFACRule`.
+    ValueError
+        If ``module_type`` has a rule and ``overwrite`` is false.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
+    if not isinstance(rule, KFACRule):
+        raise TypeError(f"rule must be a curvlib.kfac.rules.KFACRule, got {type(rule).__name__}")
+    if module_type in _RULES and not overwrite:
+        raise ValueError(
+            f"{module_type.__name__} has a K-FAC rule already ({type(_RULES[module_type]).__name__}); "
+            "pass overwrite=True to replace it"
+        )
+    _RULES[module_type] = rule
+
+
+def _resolve_lazy() -> None:
+    for modname, clsname, rule in list(_LAZY):
+        mod = sys.modules.get(modname)
+        cls = getattr(mod, clsname, None) if mod is not None else None
+        if isinstance(cls, type):
+            _RULES.setdefault(cls, rule)
+            _LAZY.remove((modname, clsname, rule))
+
+
+def rule_for(module: nn.Module) -> KFACRule | None:
+    """The rule of ``module``'s type: the nearest registered base class in its MRO whose
+    ``forward`` the module keeps (a subclass with its own ``forward`` has no rule)."""
+    if _LAZY:
+        _resolve_lazy()
+    for base in type(module).__mro__:
+        rule = _RULES.get(base)
+        if rule is not None:
+            return rule if type(module).forward is base.forward else None
+    return None
+
+
+def kfac_rules() -> dict[type[nn.Module], KFACRule]:
+    """A copy of the table ``{module type: rule}``."""
+    if _LAZY:
+        _resolve_lazy()
+    return dict(_RULES)
+
+
+for _t in (nn.Linear,):
+    register_kfac_rule(_t, LinearRule())
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_kfac_rule(_t, ConvRule())
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_kfac_rule(_t, ConvTransposeRule())
+register_kfac_rule(nn.Embedding, EmbeddingRule())
+for _t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm):
+    register_kfac_rule(_t, NormRule())
