@@ -36,7 +36,9 @@ STRUCTURE = [
     [("d", 2), ("v", 2), ("d", 3)],  # generic three-factor entry
 ]
 LAPLACE_STRUCTURE = STRUCTURE[:5]
-DELTAS_PER_ENTRY = torch.tensor([0.1, 0.5, 1.0, 0.3, 2.0, 0.05], dtype=DT)  # laplace-torch supports one or two factors
+DELTAS_PER_ENTRY = torch.tensor(
+    [0.1, 0.5, 1.0, 0.3, 2.0, 0.05], dtype=DT
+)  # laplace-torch supports one or two factors
 
 
 def make_kfacs(structure=STRUCTURE, seed: int = 0) -> list[list[torch.Tensor]]:

@@ -127,7 +127,9 @@ def per_entry_dense(blocks, deltas) -> torch.Tensor:
 def case_kron() -> Case:
     kfacs, groups, blocks = kron_parts()
     d = torch.linspace(0.1, 1.2, len(blocks), dtype=DT)
-    return Case(Kron(kfacs, groups=groups), torch.block_diag(*blocks), d, per_entry_dense(blocks, d))
+    return Case(
+        Kron(kfacs, groups=groups), torch.block_diag(*blocks), d, per_entry_dense(blocks, d)
+    )
 
 
 def case_kron_decomposed() -> Case:
@@ -159,7 +161,10 @@ def ekfac_parts(seed: int = 2):
         vals.append(s)
         group_blocks = []
         for j in range(1 if ng is None else ng):
-            Us = [eye(d) if U is None else (U if ng is None else U[j]) for U, d in zip(B, dims)]
+            Us = [
+                eye(d) if U is None else (U if ng is None else U[j])
+                for U, d in zip(B, dims, strict=True)
+            ]
             U = kron_dense(Us)
             sj = s if ng is None else s[j]
             group_blocks.append((U * sj.flatten()) @ U.T)
@@ -336,7 +341,11 @@ def test_state_dict_round_trip(case, tmp_path):
 
 def test_to_and_detach(case):
     S, M = case.S, case.M
-    for S32 in (S.to(torch.float32), S.to(dtype=torch.float32), S.to(device="cpu", dtype=torch.float32)):
+    for S32 in (
+        S.to(torch.float32),
+        S.to(dtype=torch.float32),
+        S.to(device="cpu", dtype=torch.float32),
+    ):
         assert S32.dtype == torch.float32 and type(S32) is type(S)
         close(S32.to_matrix().double(), M, rtol=1e-5)
     assert S.to(device="cpu").dtype == DT
@@ -481,7 +490,9 @@ def test_grouped_kron_add_and_decompose():
     kfacs, groups, blocks = kron_parts()
     kf2, _, blocks2 = kron_parts(seed=9)
     K1, K2 = Kron(kfacs, groups=groups), Kron(kf2, groups=groups)
-    summed = [[a + b for a, b in zip(F1, F2, strict=True)] for F1, F2 in zip(kfacs, kf2, strict=True)]
+    summed = [
+        [a + b for a, b in zip(F1, F2, strict=True)] for F1, F2 in zip(kfacs, kf2, strict=True)
+    ]
     close((K1 + K2).to_matrix(), Kron(summed, groups=groups).to_matrix())
     assert (K1 + K2).groups == groups
     # same factor shapes, different grouping: (3, 2) read as a dense 2 × 2... is not square
@@ -492,7 +503,7 @@ def test_grouped_kron_add_and_decompose():
     for damping in (False, True):
         KD = K1.decompose(damping=damping) + 0.49
         ref = []
-        for (spec, ng), F in zip(KRON_ENTRIES, kfacs, strict=True):
+        for (_, ng), F in zip(KRON_ENTRIES, kfacs, strict=True):
             per = [F] if ng is None else [[f[j] for f in F] for j in range(ng)]
             for pg in per:
                 if damping and len(pg) > 1:
@@ -557,7 +568,9 @@ def test_random_grouped_krons(spec, seed, exponent):
     W = torch.randn(2, len(M), generator=gen(seed), dtype=DT)
     close(K.bmm(W, exponent), W @ mpow(M, exponent), rtol=1e-9)
     close(K.logdet(), torch.logdet(M), rtol=1e-9)
-    close((K + 0.3).diag(exponent), torch.diagonal(mpow(M + 0.3 * eye(len(M)), exponent)), rtol=1e-9)
+    close(
+        (K + 0.3).diag(exponent), torch.diagonal(mpow(M + 0.3 * eye(len(M)), exponent)), rtol=1e-9
+    )
 
 
 # ------------------------------------------------------------------------------------ EKFAC
@@ -578,9 +591,8 @@ def test_ekfac_project_is_the_diagonal_in_the_eigenbasis(grouped):
     D = torch.einsum("m...o,m...r->m...or", gr, ar)
     close(EKFAC.project_grads(U_G, U_A, D), s)
     for j in range(2 if grouped else 1):
-        pick = (lambda t: t[:, j]) if grouped else (lambda t: t)
         Uj = torch.kron(U_G[j], U_A[j]) if grouped else torch.kron(U_G, U_A)
-        V = pick(D).reshape(len(D), -1)
+        V = (D[:, j] if grouped else D).reshape(len(D), -1)
         ref = torch.diagonal(Uj.T @ (V.T @ V) @ Uj).reshape(3, 4)
         close(s[j] if grouped else s, ref)
     sb = EKFAC.project(U_G, None, gr, None)  # a bias: Σ (U_Gᵀ g)²
@@ -773,7 +785,10 @@ def _same_matrix_pairs():
         "kron~kron_decomposed": (K, KD),
         "blockdiag~kron": (BlockDiag(blocks), K),
         "lowrank~dense": (LowRank(Q, lq, 0.2), Dense((Q * lq) @ Q.T + 0.2 * eye(5))),
-        "lowrank~diagonal": (LowRank(torch.zeros(6, 0, dtype=DT), torch.zeros(0, dtype=DT), h), Diagonal(h)),
+        "lowrank~diagonal": (
+            LowRank(torch.zeros(6, 0, dtype=DT), torch.zeros(0, dtype=DT), h),
+            Diagonal(h),
+        ),
     }
 
 

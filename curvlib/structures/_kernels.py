@@ -221,6 +221,4 @@ class LogdetAccumulator:
         """The log-determinant."""
         ninf = torch.full_like(self.logabs, -math.inf)
         nan = torch.full_like(self.logabs, math.nan)
-        return torch.where(
-            self.has_zero, ninf, torch.where(self.n_neg % 2 == 1, nan, self.logabs)
-        )
+        return torch.where(self.has_zero, ninf, torch.where(self.n_neg % 2 == 1, nan, self.logabs))

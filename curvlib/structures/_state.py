@@ -100,10 +100,10 @@ def groups_field(value: Any, owner: str, n: int) -> list[int | None] | None:
         return None
     items = as_list(value, f"{owner} state dict key 'groups'", "a list of int or None")
     if len(items) != n:
-        raise InputError(
-            f"{owner} state dict key 'groups' has {len(items)} items for {n} entries"
-        )
-    return [check_groups(g, f"{owner} state dict key 'groups', item {i}") for i, g in enumerate(items)]
+        raise InputError(f"{owner} state dict key 'groups' has {len(items)} items for {n} entries")
+    return [
+        check_groups(g, f"{owner} state dict key 'groups', item {i}") for i, g in enumerate(items)
+    ]
 
 
 def check_groups(g: Any, what: str) -> int | None:

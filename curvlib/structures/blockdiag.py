@@ -39,7 +39,9 @@ class SymmetricBlocks(CurvatureStructure):
         for i, B in enumerate(blocks):
             B = as_tensor(B, f"{owner} block {i}")
             if B.ndim != 2 or B.shape[0] != B.shape[1]:
-                raise InputError(f"{owner} block {i} must be a square 2-D tensor; got {tuple(B.shape)}")
+                raise InputError(
+                    f"{owner} block {i} must be a square 2-D tensor; got {tuple(B.shape)}"
+                )
         self._blocks: list[Tensor] = list(blocks)
         self._eig_cache: list[tuple[Tensor, Tensor]] | None = None
 
@@ -102,7 +104,9 @@ class SymmetricBlocks(CurvatureStructure):
         if p == 1:
             out = [X @ B.mT for X, B in zip(parts, self._blocks, strict=True)]
         else:
-            out = [((X @ V) * w.pow(p)) @ V.mT for X, (w, V) in zip(parts, self._eig(), strict=True)]
+            out = [
+                ((X @ V) * w.pow(p)) @ V.mT for X, (w, V) in zip(parts, self._eig(), strict=True)
+            ]
         return (torch.cat(out, dim=1) if out else W2.clone()).reshape(W.shape)
 
     # ---------------------------------------------------------------- reductions
@@ -162,7 +166,12 @@ class SymmetricBlocks(CurvatureStructure):
         else:
             per = list(torch.split(d, self.sizes))
         blocks = [
-            B + (torch.diag(x) if x.ndim == 1 else x * torch.eye(len(B), dtype=B.dtype, device=B.device))
+            B
+            + (
+                torch.diag(x)
+                if x.ndim == 1
+                else x * torch.eye(len(B), dtype=B.dtype, device=B.device)
+            )
             for B, x in zip(self._blocks, per, strict=True)
         ]
         return self._with_blocks(blocks)
@@ -209,17 +218,28 @@ class BlockDiag(SymmetricBlocks):
             names = [str(i) for i in range(len(blocks))]
         names = as_list(names, "BlockDiag names", "a list of str (one per block)")
         if len(names) != len(blocks) or not all(isinstance(n, str) for n in names):
-            raise InputError(f"BlockDiag names must be {len(blocks)} strings (one per block); got {names!r}")
+            raise InputError(
+                f"BlockDiag names must be {len(blocks)} strings (one per block); got {names!r}"
+            )
         self.names: list[str] = names
 
     @classmethod
-    def from_matrix(cls, M: Tensor, sizes: Sequence[int], names: Sequence[str] | None = None) -> BlockDiag:
+    def from_matrix(
+        cls, M: Tensor, sizes: Sequence[int], names: Sequence[str] | None = None
+    ) -> BlockDiag:
         """The diagonal blocks of a dense ``(P, P)`` matrix ``M``, of sizes ``sizes`` in order
         (what lies outside them is not kept)."""
         M = as_tensor(M, "M")
         sizes = [int(s) for s in sizes]
-        if M.ndim != 2 or M.shape[0] != M.shape[1] or sum(sizes) != M.shape[0] or min(sizes, default=1) < 1:
-            raise InputError(f"sizes {sizes} (each >= 1) must sum to the side of M {tuple(M.shape)}")
+        if (
+            M.ndim != 2
+            or M.shape[0] != M.shape[1]
+            or sum(sizes) != M.shape[0]
+            or min(sizes, default=1) < 1
+        ):
+            raise InputError(
+                f"sizes {sizes} (each >= 1) must sum to the side of M {tuple(M.shape)}"
+            )
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return cls([M[a : a + n, a : a + n] for a, n in zip(starts, sizes, strict=True)], names)
 

@@ -18,7 +18,14 @@ from torch import Tensor
 
 from curvlib.errors import InputError, NonFiniteError
 from curvlib.structures._eigenbasis import EigenbasisStructure
-from curvlib.structures._kernels import Layout, as_scalar, batched, is_delta_like, outer, parse_delta
+from curvlib.structures._kernels import (
+    Layout,
+    as_scalar,
+    batched,
+    is_delta_like,
+    outer,
+    parse_delta,
+)
 from curvlib.structures._state import as_list, as_tensor, check_finite, check_keys, tensor_entries
 from curvlib.structures.base import CurvatureStructure
 
@@ -108,7 +115,9 @@ class KronDecomposed(EigenbasisStructure):
                     f"KronDecomposed entry {i}: {len(Qs)} eigenvector and {len(ls)} eigenvalue "
                     "factors (need the same, at least one)"
                 )
-            groups = {_check_pair(i, j, Q, lam) for j, (Q, lam) in enumerate(zip(Qs, ls, strict=True))}
+            groups = {
+                _check_pair(i, j, Q, lam) for j, (Q, lam) in enumerate(zip(Qs, ls, strict=True))
+            }
             if len(groups) > 1:
                 raise InputError(
                     f"KronDecomposed entry {i}: factors with different group counts {groups} "
@@ -138,7 +147,9 @@ class KronDecomposed(EigenbasisStructure):
 
     def _layout(self, i: int) -> Layout:
         ls = self.eigenvalues[i]
-        return Layout(ls[0].shape[0] if ls[0].ndim == 2 else None, tuple(lam.shape[-1] for lam in ls))
+        return Layout(
+            ls[0].shape[0] if ls[0].ndim == 2 else None, tuple(lam.shape[-1] for lam in ls)
+        )
 
     def _stored_bases(self, i: int) -> list[Tensor | None]:
         return self.eigenvectors[i]
@@ -266,7 +277,9 @@ class KronDecomposed(EigenbasisStructure):
         NonFiniteError
             Non-finite eigenvectors, eigenvalues or deltas.
         """
-        sd = check_keys(state_dict, "KronDecomposed", {"eigenvectors", "eigenvalues", "deltas", "damping"})
+        sd = check_keys(
+            state_dict, "KronDecomposed", {"eigenvectors", "eigenvalues", "deltas", "damping"}
+        )
         vecs = tensor_entries(sd["eigenvectors"], "KronDecomposed", "eigenvectors", allow_none=True)
         vals = tensor_entries(sd["eigenvalues"], "KronDecomposed", "eigenvalues")
         deltas = sd["deltas"]

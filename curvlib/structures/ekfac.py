@@ -58,7 +58,9 @@ def _rotate(U: Tensor | None, X: Tensor, what: str) -> Tensor:
     """Rows ``X (M, d)`` or grouped ``(M, g, d)`` in the basis ``U``: ``U^T x`` per row."""
     if not isinstance(X, Tensor) or X.ndim not in (2, 3):
         shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
-        raise InputError(f"{what} must be a tensor of shape (M, d) or grouped (M, g, d); got {shape}")
+        raise InputError(
+            f"{what} must be a tensor of shape (M, d) or grouped (M, g, d); got {shape}"
+        )
     if U is None:
         return X
     if not isinstance(U, Tensor) or tuple(U.shape) != (*X.shape[1:-1], X.shape[-1], X.shape[-1]):
@@ -120,7 +122,9 @@ class EKFAC(EigenbasisStructure):
         for i, B in enumerate(entries):
             if not B:
                 raise InputError(f"EKFAC entry {i} has no eigenbases (need one per factor)")
-        self._lay = [_entry_layout(i, B, s) for i, (B, s) in enumerate(zip(entries, vals, strict=True))]
+        self._lay = [
+            _entry_layout(i, B, s) for i, (B, s) in enumerate(zip(entries, vals, strict=True))
+        ]
         self.eigenbases: list[list[Tensor | None]] = entries
         self.eigenvalues: list[Tensor] = vals
 

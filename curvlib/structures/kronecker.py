@@ -72,7 +72,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _check_factor(i: int, j: int, f: Any, groups: int | None) -> None:
     if not isinstance(f, Tensor):
-        raise InputError(f"Kron entry {i} factor {j} must be a torch.Tensor, got {type(f).__name__}")
+        raise InputError(
+            f"Kron entry {i} factor {j} must be a torch.Tensor, got {type(f).__name__}"
+        )
     shape = tuple(f.shape)
     if groups is None:
         if not (f.ndim == 1 or (f.ndim == 2 and shape[0] == shape[1])):
@@ -440,7 +442,10 @@ class Kron(CurvatureStructure):
         (entries ``i``, groups ``j``)."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for i in range(len(self)):
-            tr = [f.sum(-1) if f.ndim == 2 else torch.diagonal(f, 0, -2, -1).sum(-1) for f in self._batched(i)]
+            tr = [
+                f.sum(-1) if f.ndim == 2 else torch.diagonal(f, 0, -2, -1).sum(-1)
+                for f in self._batched(i)
+            ]
             total = total + torch.stack(tr).prod(0).sum()
         return total
 
@@ -451,8 +456,9 @@ class Kron(CurvatureStructure):
         if check_exponent(exponent) != 1:
             return self.decompose().diag(exponent)
         diags = [
-            outer([f if f.ndim == 2 else torch.diagonal(f, 0, -2, -1) for f in self._batched(i)])
-            .flatten()
+            outer(
+                [f if f.ndim == 2 else torch.diagonal(f, 0, -2, -1) for f in self._batched(i)]
+            ).flatten()
             for i in range(len(self))
         ]
         if not diags:

@@ -228,9 +228,9 @@ class LowRank(CurvatureStructure):
                 "or use torch.logdet(lowrank.to_matrix())"
             )
         dinv = 1.0 / r
-        C = torch.eye(self.rank, dtype=self.dtype, device=self.device) + self.eigenvalues[:, None] * (
-            self.U.mT @ (dinv[:, None] * self.U)
-        )
+        C = torch.eye(self.rank, dtype=self.dtype, device=self.device) + self.eigenvalues[
+            :, None
+        ] * (self.U.mT @ (dinv[:, None] * self.U))
         acc.add_values(r)
         acc.add_slogdet(*torch.linalg.slogdet(C))
         return acc.total()
