@@ -609,7 +609,7 @@ def test_ekfac_project_bad_input():
         EKFAC.project(U_A, U_A, gr, ar)
     with pytest.raises(InputError, match="U_A given without"):
         EKFAC.project(U_G, U_A, gr, None)
-    with pytest.raises(InputError, match="D must have shape"):
+    with pytest.raises(InputError, match="D must be a tensor of shape"):
         EKFAC.project_grads(U_G, U_A, gr)
 
 
@@ -618,14 +618,14 @@ def _two_layer(seed: int):
     return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
 
 
-def _weight_grads(model, x):
-    """Per-sample gradients of the scalar output wrt the first weight: D (M, 3, 4)."""
+def _grads(model, x, name: str = "0.weight"):
+    """Per-sample gradients of the scalar output wrt one parameter (first weight: (M, 3, 4))."""
     params = dict(model.named_parameters())
 
     def out(w, xi):
-        return torch.func.functional_call(model, {**params, "0.weight": w}, (xi[None],))[0, 0]
+        return torch.func.functional_call(model, {**params, name: w}, (xi[None],))[0, 0]
 
-    return torch.func.vmap(torch.func.grad(out), in_dims=(None, 0))(params["0.weight"].detach(), x)
+    return torch.func.vmap(torch.func.grad(out), in_dims=(None, 0))(params[name].detach(), x)
 
 
 def test_ekfac_exact_for_one_datum_one_column():
@@ -638,28 +638,19 @@ def test_ekfac_exact_for_one_datum_one_column():
     _, H = curv.full(x, y)
     KD = K.decompose()
     (U_G, U_A), (U_b,) = KD.eigenvectors[0], KD.eigenvectors[1]
-    D = _weight_grads(model, x)  # regression, Λ = I: the GGN block is Σ vec D vec Dᵀ
+    D = _grads(model, x)  # regression, Λ = I: the GGN block is Σ vec D vec Dᵀ
     s_w = EKFAC.project_grads(U_G, U_A, D)
-    s_b = EKFAC.project(U_b, None, _bias_grads(model, x), None)
+    s_b = EKFAC.project(U_b, None, _grads(model, x, "0.bias"), None)
     E = EKFAC([KD.eigenvectors[0], KD.eigenvectors[1]], [s_w, s_b])
     close(E.to_matrix(), torch.block_diag(H[:12, :12], H[12:15, 12:15]))  # per-entry blocks
     close(torch.kron(*K.kfacs[0]), H[:12, :12], rtol=1e-9)  # K-FAC is exact here too
-
-
-def _bias_grads(model, x):
-    params = dict(model.named_parameters())
-
-    def out(b, xi):
-        return torch.func.functional_call(model, {**params, "0.bias": b}, (xi[None],))[0, 0]
-
-    return torch.func.vmap(torch.func.grad(out), in_dims=(None, 0))(params["0.bias"].detach(), x)
 
 
 def test_ekfac_beats_kfac_in_its_basis():
     """Several data: EKFAC's s is the Frobenius-optimal diagonal in the K-FAC eigenbasis."""
     model = _two_layer(1)
     x = torch.randn(6, 4, generator=gen(20), dtype=DT)
-    D = _weight_grads(model, x)
+    D = _grads(model, x)
     V = D.reshape(6, -1)
     H = V.T @ V  # exact block (Λ = I, one output)
     # K-FAC of the same rows D_m = g_m x_mᵀ: G = Σ g gᵀ, A = (1/N) Σ x xᵀ

@@ -77,19 +77,8 @@ class EigenbasisStructure(CurvatureStructure):
         r"""Compute :math:`M^{\mathrm{exponent}} w` for every vector ``w`` in ``W``.
 
         Per entry (and group) :math:`Q (L^{p} \odot (Q^\top w))`, the Kronecker structure of
-        ``Q`` applied factor by factor; no dense matrix is formed.
-
-        Parameters
-        ----------
-        W : Tensor
-            Shape ``(P,)``, ``(K, P)`` or ``(B, K, P)`` (any leading dims).
-        exponent : float
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``W``.
-        """
+        ``Q`` applied factor by factor; no dense matrix is formed. ``W`` and the result as
+        :meth:`CurvatureStructure.bmm`."""
         W2 = check_W(W, self.num_params, self.dtype)
         p = check_exponent(exponent)
 

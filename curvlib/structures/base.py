@@ -62,15 +62,29 @@ class CurvatureStructure(ABC):
         P = self.num_params
         return (P, P)
 
-    @property
+    #: Whether ``dtype`` and ``device`` of an empty structure are ``None`` (``Kron``, as
+    #: laplace-torch) rather than the default dtype and the CPU.
+    _EMPTY_PLACEMENT_NONE = False
+
     @abstractmethod
-    def dtype(self) -> torch.dtype | None:
-        """Dtype of the stored tensors (``None`` or the default for an empty structure)."""
+    def _reference(self) -> Tensor | None:
+        """A stored tensor whose dtype and device are the structure's (``None`` if empty)."""
 
     @property
-    @abstractmethod
+    def dtype(self) -> torch.dtype | None:
+        """Dtype of the stored tensors (the default dtype, or ``None`` for an empty ``Kron``)."""
+        t = self._reference()
+        if t is None:
+            return None if self._EMPTY_PLACEMENT_NONE else torch.get_default_dtype()
+        return t.dtype
+
+    @property
     def device(self) -> torch.device | None:
-        """Device of the stored tensors (``None`` or the CPU for an empty structure)."""
+        """Device of the stored tensors (the CPU, or ``None`` for an empty ``Kron``)."""
+        t = self._reference()
+        if t is None:
+            return None if self._EMPTY_PLACEMENT_NONE else torch.device("cpu")
+        return t.device
 
     # ------------------------------------------------------------------ products
     @abstractmethod

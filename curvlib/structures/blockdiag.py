@@ -55,13 +55,8 @@ class SymmetricBlocks(CurvatureStructure):
         """``P = sum(sizes)``."""
         return sum(self.sizes)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._blocks[0].dtype if self._blocks else torch.get_default_dtype()
-
-    @property
-    def device(self) -> torch.device:
-        return self._blocks[0].device if self._blocks else torch.device("cpu")
+    def _reference(self) -> Tensor | None:
+        return self._blocks[0] if self._blocks else None
 
     @abstractmethod
     def _with_blocks(self, blocks: list[Tensor]) -> SymmetricBlocks:
@@ -86,18 +81,7 @@ class SymmetricBlocks(CurvatureStructure):
     def bmm(self, W: Tensor, exponent: float = 1) -> Tensor:
         r""":math:`M^{p} w` per vector: per block :math:`B_l w_l` for ``p = 1``, else
         :math:`V_l \operatorname{diag}(w_l^{p}) V_l^\top w_l` (cached eigendecomposition).
-
-        Parameters
-        ----------
-        W : Tensor
-            ``(P,)``, ``(K, P)`` or ``(B, K, P)``.
-        exponent : float, default 1
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``W``.
-        """
+        ``W`` and the result as :meth:`CurvatureStructure.bmm`."""
         W2 = check_W(W, self.num_params, self.dtype)
         p = check_exponent(exponent)
         parts = list(torch.split(W2, self.sizes, dim=1))

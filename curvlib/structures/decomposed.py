@@ -134,13 +134,8 @@ class KronDecomposed(EigenbasisStructure):
         self.deltas: Tensor = self._expand_deltas(d)
 
     # ---------------------------------------------------------------- properties
-    @property
-    def device(self) -> torch.device:
-        return self.eigenvalues[0][0].device if self.eigenvalues else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.eigenvalues[0][0].dtype if self.eigenvalues else torch.get_default_dtype()
+    def _reference(self) -> Tensor | None:
+        return self.eigenvalues[0][0] if self.eigenvalues else None
 
     def __len__(self) -> int:
         return len(self.eigenvalues)
@@ -268,15 +263,9 @@ class KronDecomposed(EigenbasisStructure):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Any]) -> KronDecomposed:
-        """Rebuild a ``KronDecomposed`` from :meth:`state_dict`.
-
-        Raises
-        ------
-        InputError
-            Not a mapping, missing or unexpected keys, values of the wrong type or shape.
-        NonFiniteError
-            Non-finite eigenvectors, eigenvalues or deltas.
-        """
+        """Rebuild a ``KronDecomposed`` from :meth:`state_dict`; validated (keys, types,
+        shapes, finite eigenvectors, eigenvalues and deltas) as
+        :meth:`CurvatureStructure.from_state_dict`."""
         sd = check_keys(
             state_dict, "KronDecomposed", {"eigenvectors", "eigenvalues", "deltas", "damping"}
         )

@@ -104,13 +104,8 @@ class Diagonal(CurvatureStructure):
         """``P = len(h)``."""
         return self.h.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.h.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.h.device
+    def _reference(self) -> Tensor:
+        return self.h
 
     def __repr__(self) -> str:
         return f"Diagonal(num_params={self.num_params}, dtype={self.dtype}, device={self.device})"

@@ -54,21 +54,27 @@ def _entry_layout(i: int, bases: list[Any], s: Any) -> Layout:
     return Layout(groups, dims)
 
 
-def _rotate(U: Tensor | None, X: Tensor, what: str) -> Tensor:
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_rows(X: Any, what: str, ndims: tuple[int, int], expected: str) -> None:
+    if not isinstance(X, Tensor) or X.ndim not in ndims:
+        raise InputError(f"{what} must be a tensor of shape {expected}; got {_shape(X)}")
+
+
+def _check_basis(U: Any, name: str, lead: tuple[int, ...], d: int) -> None:
+    """``U`` must be ``None`` or of shape ``(*lead, d, d)``."""
+    if U is not None and (not isinstance(U, Tensor) or tuple(U.shape) != (*lead, d, d)):
+        raise InputError(f"{name} must have shape {(*lead, d, d)} or be None; got {_shape(U)}")
+
+
+def _rotate(U: Tensor | None, X: Tensor, name: str, what: str) -> Tensor:
     """Rows ``X (M, d)`` or grouped ``(M, g, d)`` in the basis ``U``: ``U^T x`` per row."""
-    if not isinstance(X, Tensor) or X.ndim not in (2, 3):
-        shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
-        raise InputError(
-            f"{what} must be a tensor of shape (M, d) or grouped (M, g, d); got {shape}"
-        )
+    _check_rows(X, what, (2, 3), "(M, d) or grouped (M, g, d)")
+    _check_basis(U, name, tuple(X.shape[1:-1]), X.shape[-1])
     if U is None:
         return X
-    if not isinstance(U, Tensor) or tuple(U.shape) != (*X.shape[1:-1], X.shape[-1], X.shape[-1]):
-        shape = tuple(U.shape) if isinstance(U, Tensor) else type(U).__name__
-        raise InputError(
-            f"the eigenbasis for {what} of shape {tuple(X.shape)} must have shape "
-            f"{(*X.shape[1:-1], X.shape[-1], X.shape[-1])} or be None; got {shape}"
-        )
     return X @ U if X.ndim == 2 else torch.einsum("mgi,gij->mgj", X, U)
 
 
@@ -187,12 +193,12 @@ class EKFAC(EigenbasisStructure):
         Tensor
             ``(out, r)`` (grouped ``(g, o, r)``); ``(out,)`` (grouped ``(g, o)``) for a bias.
         """
-        gt = _rotate(U_G, g, "g") ** 2
+        gt = _rotate(U_G, g, "U_G", "g") ** 2
         if a is None:
             if U_A is not None:
                 raise InputError("U_A given without input rows a (a bias has only U_G)")
             return gt.sum(0)
-        at = _rotate(U_A, a, "a") ** 2
+        at = _rotate(U_A, a, "U_A", "a") ** 2
         if at.shape[:-1] != gt.shape[:-1]:
             raise InputError(
                 f"g of shape {tuple(g.shape)} and a of shape {tuple(a.shape)} need the same "
@@ -218,26 +224,17 @@ class EKFAC(EigenbasisStructure):
         Tensor
             ``(out, r)`` (grouped ``(g, o, r)``).
         """
-        if not isinstance(D, Tensor) or D.ndim not in (3, 4):
-            shape = tuple(D.shape) if isinstance(D, Tensor) else type(D).__name__
-            raise InputError(f"D must have shape (M, out, r) or grouped (M, g, o, r); got {shape}")
+        _check_rows(D, "D", (3, 4), "(M, out, r) or grouped (M, g, o, r)")
         lead = tuple(D.shape[1:-2])
-        for name, U, d in (("U_G", U_G, D.shape[-2]), ("U_A", U_A, D.shape[-1])):
-            if U is not None and (not isinstance(U, Tensor) or tuple(U.shape) != (*lead, d, d)):
-                shape = tuple(U.shape) if isinstance(U, Tensor) else type(U).__name__
-                raise InputError(f"{name} must have shape {(*lead, d, d)} or be None; got {shape}")
+        _check_basis(U_G, "U_G", lead, D.shape[-2])
+        _check_basis(U_A, "U_A", lead, D.shape[-1])
         X = D if U_G is None else U_G.mT @ D
         X = X if U_A is None else X @ U_A
         return (X**2).sum(0)
 
     # ---------------------------------------------------------------- structure
-    @property
-    def device(self) -> torch.device:
-        return self.eigenvalues[0].device if self.eigenvalues else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.eigenvalues[0].dtype if self.eigenvalues else torch.get_default_dtype()
+    def _reference(self) -> Tensor | None:
+        return self.eigenvalues[0] if self.eigenvalues else None
 
     def __len__(self) -> int:
         return len(self.eigenvalues)

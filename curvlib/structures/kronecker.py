@@ -252,15 +252,10 @@ class Kron(CurvatureStructure):
         """``P``, the side length of the full matrix."""
         return sum(self.block_sizes)
 
-    @property
-    def device(self) -> torch.device | None:
-        """Device of the first factor (``None`` if there are no entries)."""
-        return self.kfacs[0][0].device if self.kfacs else None
+    _EMPTY_PLACEMENT_NONE = True  # laplace-torch's: dtype and device None without entries
 
-    @property
-    def dtype(self) -> torch.dtype | None:
-        """Dtype of the first factor (``None`` if there are no entries)."""
-        return self.kfacs[0][0].dtype if self.kfacs else None
+    def _reference(self) -> Tensor | None:
+        return self.kfacs[0][0] if self.kfacs else None
 
     def _batched(self, i: int) -> list[Tensor]:
         grouped = self.groups[i] is not None

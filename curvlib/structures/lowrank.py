@@ -104,13 +104,8 @@ class LowRank(CurvatureStructure):
         """``k``, the number of columns of ``U``."""
         return self.U.shape[1]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
+    def _reference(self) -> Tensor:
+        return self.U
 
     @property
     def scalar_remainder(self) -> bool:
@@ -168,18 +163,8 @@ class LowRank(CurvatureStructure):
         return dinv, torch.linalg.solve(C, torch.diag(lam))
 
     def bmm(self, W: Tensor, exponent: float = 1) -> Tensor:
-        r""":math:`M^p w` per vector (class doc for the formulas and the available ``p``).
-
-        Parameters
-        ----------
-        W : Tensor
-            ``(P,)``, ``(K, P)`` or ``(B, K, P)``.
-        exponent : float, default 1
-
-        Returns
-        -------
-        Tensor
-            Same shape as ``W``.
+        r""":math:`M^p w` per vector (class doc for the formulas and the available ``p``);
+        ``W`` and the result as :meth:`CurvatureStructure.bmm`.
 
         Raises
         ------
