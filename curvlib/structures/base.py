@@ -119,6 +119,20 @@ class CurvatureStructure(ABC):
             raise InputError(f"mv needs a vector of shape ({self.num_params},); got {shape}")
         return self.bmm(v, exponent=1)
 
+    def __matmul__(self, X: Tensor) -> Tensor:
+        r"""Operator product :math:`M X` for ``X`` of shape ``(P,)`` or ``(P, m)`` (columns).
+
+        So that a structure is an operator for :func:`curvlib.lanczos` and the Hutchinson
+        estimators (``A @ V``, ``A.shape``, ``A.dtype``, ``A.device``).
+        """
+        if not isinstance(X, Tensor) or X.ndim not in (1, 2) or X.shape[0] != self.num_params:
+            shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+            P = self.num_params
+            raise InputError(f"M @ X needs X of shape ({P},) or ({P}, m); got {shape}")
+        if X.ndim == 1:
+            return self.bmm(X, exponent=1)
+        return self.bmm(X.mT, exponent=1).mT  # M symmetric: (M X)ᵀ = Xᵀ M
+
     def inv_square_form(self, W: Tensor) -> Tensor:
         r""":math:`W M^{-1} W^\top`.
 
