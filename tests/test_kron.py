@@ -35,7 +35,10 @@ STRUCTURE = [
     [("v", 4)],  # diagonal bias
     [("d", 2), ("v", 2), ("d", 3)],  # generic three-factor entry
 ]
-LAPLACE_STRUCTURE = STRUCTURE[:5]  # laplace-torch supports one or two factors
+LAPLACE_STRUCTURE = STRUCTURE[:5]
+DELTAS_PER_ENTRY = torch.tensor(
+    [0.1, 0.5, 1.0, 0.3, 2.0, 0.05], dtype=DT
+)  # laplace-torch supports one or two factors
 
 
 def make_kfacs(structure=STRUCTURE, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -192,7 +195,24 @@ def test_add_mismatch_raises(kfacs, other):
 
 def test_add_non_kron_raises(K):
     with pytest.raises(TypeError):
-        K + torch.ones(())
+        K + "a"
+    with pytest.raises(TypeError):
+        K + K.decompose()
+    with pytest.raises(ValueError, match="length 1 or 6"):
+        K + torch.ones(3, dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "delta", [0.4, torch.tensor(0.4, dtype=DT), DELTAS_PER_ENTRY], ids=["float", "0d", "per-entry"]
+)
+def test_add_delta_is_exact_decomposed(K, kfacs, delta):
+    """Kron + δ (a number or one per entry) is the exact K + δI, as a KronDecomposed."""
+    dv = delta_vector(delta, len(kfacs))
+    ref = ref_decomposed(kfacs, dv, False)
+    for out in (K + delta, delta + K):
+        assert isinstance(out, KronDecomposed) and out.damping is False
+        close(out.to_matrix(), ref)
+    assert isinstance(0 + K, Kron)  # the start value of the builtin sum
 
 
 @pytest.mark.parametrize(
@@ -327,7 +347,7 @@ DELTAS = {
     "float": 0.37,
     "tensor0d": torch.tensor(0.2, dtype=DT),
     "tensor1": torch.tensor([0.5], dtype=DT),
-    "per-entry": torch.tensor([0.1, 0.5, 1.0, 0.3, 2.0, 0.05], dtype=DT),
+    "per-entry": DELTAS_PER_ENTRY,
 }
 
 
