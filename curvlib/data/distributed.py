@@ -286,7 +286,7 @@ def handshake(
             values.setdefault(rows[r][pos], (text, []))[1].append(r)
         if len(values) > 1:
             shown = "; ".join(f"{_ranks(rs)}: {t!r}" for t, rs in values.values())
-            diffs.append(f"{name} differs ({shown})")
+            diffs.append(f"{name!r} differs ({shown})")
     if diffs:
         raise DistributedError(
             f"the {world} ranks do not accumulate the same curvature: "
