@@ -9,8 +9,6 @@ are one code path; :meth:`Accumulator.finalize` normalizes by the global :math:`
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import Tensor
 
 from curvlib.data import distributed as D
 from curvlib.data.batches import batch_dim
+from curvlib.data.fields import describe
 from curvlib.data.keys import MC_KEYINGS, draw_seed, sample_generators, sample_seed
 from curvlib.data.structures import STRUCTURES
 from curvlib.data.wrappers import check_not_sharded, unwrapped
@@ -123,43 +122,15 @@ class Accumulator:
         return shapes, layout, params[0].dtype, params[0].device
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """What every rank must agree on: ``(field, description, shown)`` for the handshake.
+        """What every rank must agree on, for the handshake (:func:`curvlib.data.fields.describe`).
 
-        Fields: ``structure``; ``curvature`` (class, curvature name, stochastic, number of
-        MC samples, MC keying, K-FAC variant); ``dtype``; ``parameter layout`` (names and
-        shapes of the selected parameters, last layer, subnetwork indices; shown as a
-        digest); ``entry sizes`` (shapes of the summands).
+        Returns
+        -------
+        list of (field, description, shown)
         """
+        shapes, layout, _, _ = self._template()
         with unwrapped(self.curv) as c:
-            named = list(c.params_dict.items())
-            shapes, layout, _, _ = self._template()
-            sub = getattr(c, "subnetwork_indices", None)
-        cls = type(self.curv)
-        curv = (
-            f"{cls.__name__} {cls.curvature_name()} stochastic={self.stochastic}"
-            + (
-                f" num_samples={getattr(self.curv, 'num_samples', 1)} mc_keying={self.mc_keying}"
-                if self.stochastic
-                else ""
-            )
-            + (f" kfac_approx={self.curv.kfac_approx}" if self.structure == "kron" else "")
-        )
-        dtypes = sorted({str(p.dtype) for _, p in named})
-        params = ";".join(f"{n}:{tuple(p.shape)}" for n, p in named)
-        if sub is not None:
-            params += "|subnetwork:" + ",".join(map(str, torch.as_tensor(sub).tolist()))
-        params += f"|last_layer={getattr(self.curv, 'last_layer', False)}"
-        digest = hashlib.blake2b(params.encode(), digest_size=4).hexdigest()
-        numel = sum(p.numel() for _, p in named)
-        sizes = f"layout={list(layout)} shapes={shapes}"
-        total = sum(math.prod(s) for s in shapes)
-        return [
-            ("structure", self.structure, self.structure),
-            ("curvature", curv, curv),
-            ("dtype", ",".join(dtypes), ",".join(dtypes)),
-            ("parameter layout", params, f"{len(named)} tensors, {numel} entries, #{digest}"),
-            ("entry sizes", sizes, f"{len(shapes)} tensors, {total} entries: {shapes}"),
-        ]
+            return describe(c, self.structure, self.mc_keying, shapes, layout)
 
     # ------------------------------------------------------------------ accumulation
     def _call(self, x: Any, y: Tensor | None, B: int, generator: Any):
