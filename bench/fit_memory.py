@@ -145,7 +145,7 @@ def main() -> None:
         cmd += ["--batch-size", str(args.batch_size), "--batches", str(args.batches)]
         if args.progress:
             cmd.append("--progress")
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"| {b} | {s} | failed: {proc.stderr.strip().splitlines()[-1]} |", flush=True)
             continue

@@ -110,25 +110,32 @@ class StatusRounds:
 
     def _collect(self) -> None:
         """Wait for the round in flight and act on it (close; raise for a failure)."""
-        work, buf = self._work, self._buf
-        self._work = self._buf = None
+        # The state changes in one statement after the result is read: an interrupt that
+        # arrives earlier (Python runs signal handlers between calls) leaves the completed
+        # round in flight, and the next _collect (in fail) reads it again.
         try:
-            work.wait()
+            self._work.wait()
         except Exception as exc:
+            self._work = self._buf = None
             self.closed, self.error = True, collective_error(self.pg, exc)
             raise self.error from exc
-        rows = buf.cpu().tolist()
-        self.rounds += 1
+        rows = self._buf.cpu().tolist()
         failed = [
             (r, row[0], decode_text(row[3 : 3 + NAME_SLOTS]), row[2])
             for r, row in enumerate(rows)
             if row[0] != OK
         ]
-        if failed:
-            self.closed, self.error = True, failure_error(self.world, failed)
-            raise self.error
-        if all(row[1] for row in rows):
-            self.closed = True
+        error = failure_error(self.world, failed) if failed else None
+        closed = bool(failed) or all(row[1] for row in rows)
+        self._work, self._buf, self.rounds, self.closed, self.error = (
+            None,
+            None,
+            self.rounds + 1,
+            closed,
+            error,
+        )
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ the loop
     def poll(self) -> None:
