@@ -1,13 +1,14 @@
 """Memory of ``curvlib.data.fit`` over long loaders, per backend: growth after a warm-up.
 
 Each configuration (backend x structure x batch size) runs in a fresh subprocess: an MLP
-784-32-10 (float32, CPU) on a 60 000-sample data set, ``curvlib.fit`` with the GGN of the
-backend. The loader is wrapped so that the resident set size (RSS, ``/proc/self/statm``) is
-sampled as batches are drawn. Reported: the RSS before ``fit`` (torch, the model and the
-188 MB data set), after the warm-up batches (the accumulator's sums and the per-batch work
-space exist), at the end, the **growth** between the two (target: < 10 MiB however many
-batches there are, since only sums are held), and the growth of the number of live
-``torch.Tensor`` / ``nn.Module`` objects over the same stretch (``gc.get_objects()``).
+784-32-10 (float32, CPU, one thread) on a 60 000-sample data set, ``curvlib.fit`` with the
+GGN of the backend. The loader is wrapped so that the resident memory is sampled as batches
+are drawn (its anonymous part, ``RssAnon``: see :func:`rss_mib`). Reported: the RSS before
+``fit`` (torch, the model and the 188 MB data set), after the warm-up batches (the
+accumulator's sums and the per-batch work space exist), at the end, the **growth** between
+the two (target: < 10 MiB however many batches there are, since only sums are held), and
+the growth of the number of live ``torch.Tensor`` / ``nn.Module`` objects over the same
+stretch (``gc.get_objects()``).
 
 Run::
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -35,13 +35,20 @@ WARMUP = 50
 
 
 def rss_mib() -> float:
-    """Current resident set size in MiB (Linux ``/proc``; peak RSS elsewhere)."""
+    """Anonymous resident memory in MiB (``RssAnon`` of ``/proc/self/status``).
+
+    Anonymous pages are what a leak grows; the total RSS also counts the pages of the
+    mapped libraries (libtorch), which the kernel drops and reloads under memory pressure
+    from other processes. Elsewhere than on Linux: the peak RSS.
+    """
     try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def live_objects() -> int:
