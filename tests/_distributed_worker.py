@@ -243,6 +243,29 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             ),
         )
 
+        # rank 0 runs fit, rank 1 a hand-written loop: different collectives would follow
+        def hand_written():
+            acc = curvlib.AutogradGGN(model, "classification").accumulator("diag")
+            for x, y in loader:
+                acc.update(x, y)
+            return acc.all_reduce_("world").finalize()
+
+        _record(
+            results,
+            "mismatch_protocol",
+            (
+                lambda: fit(
+                    curvlib.AutogradGGN(model, "classification"),
+                    loader,
+                    "diag",
+                    group="world",
+                    progress=False,
+                )
+            )
+            if rank == 0
+            else hand_written,
+        )
+
         # Ctrl-C in rank 1's loader at its batch 1 while rank 0 is in an endless loop:
         # rank 0 raises DistributedError, rank 1 its KeyboardInterrupt
         clock: dict = {}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from curvlib.data import distributed as D
 from curvlib.data.batches import batch_dim
-from curvlib.data.fields import describe
+from curvlib.data.fields import MANUAL, describe, protocol_field
 from curvlib.data.keys import MC_KEYINGS, draw_seed, sample_generators, sample_seed
 from curvlib.data.structures import STRUCTURES
 from curvlib.data.wrappers import check_not_sharded, unwrapped
@@ -288,7 +288,7 @@ class Accumulator:
             On every rank, naming the field that differs and each rank's value.
         """
         pg = D.world_group(group, "Accumulator.handshake")
-        out = D.handshake(pg, self.describe(), extras)
+        out = D.handshake(pg, [*self.describe(), protocol_field(MANUAL)], extras)
         self._agreed = pg
         return out
 
@@ -325,7 +325,7 @@ class Accumulator:
             raise DistributedError("this accumulator has been all-reduced already")
         if self._agreed is not pg:
             try:
-                fields, failure = self.describe(), None
+                fields, failure = [*self.describe(), protocol_field(MANUAL)], None
             except Exception as exc:  # joins the handshake anyway, so no peer hangs
                 fields, failure = None, exc
             D.handshake(pg, fields, (), failure)

@@ -15,10 +15,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["FIELDS", "describe"]
+__all__ = ["FIELDS", "FIT", "MANUAL", "describe", "protocol_field"]
 
 #: the handshake's fields, in order
-FIELDS = ("structure", "curvature", "dtype", "parameter layout", "entry sizes")
+FIELDS = ("structure", "curvature", "dtype", "parameter layout", "entry sizes", "protocol")
+#: the protocols: fit (handshake, status rounds, packed sum) or a hand-written loop
+#: (handshake, packed sum); ranks that mix them would exchange buffers of different sizes
+FIT = "curvlib.data.fit (status rounds, packed sum)"
+MANUAL = "Accumulator.all_reduce_ (packed sum)"
+
+
+def protocol_field(protocol: str) -> tuple[str, str, str]:
+    """The ``protocol`` field: which sequence of collectives follows the handshake."""
+    return ("protocol", protocol, protocol)
 
 
 def _digest(data: bytes, size: int = 4) -> str:

@@ -25,6 +25,7 @@ from torch import Tensor
 from curvlib.data import distributed as D
 from curvlib.data.accumulator import Accumulator
 from curvlib.data.batches import split_batch
+from curvlib.data.fields import FIT, protocol_field
 from curvlib.data.keys import draw_seed
 from curvlib.data.rounds import DEFAULT_INTERVAL, StatusRounds
 from curvlib.errors import DistributedError
@@ -207,7 +208,7 @@ def _agree(
         if num_data is None:
             num_data = _distributed_sampler_size(loader)
         acc = Accumulator(curv, structure, seed=0 if stochastic else None, mc_keying=mc_keying)
-        fields = acc.describe()
+        fields = [*acc.describe(), protocol_field(FIT)]
         if stochastic:
             n = _local_num_samples(loader) if index_fn is None else 0
             seed = draw_seed(generator)
