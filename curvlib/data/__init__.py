@@ -13,8 +13,9 @@ splits that sum into parts that can be computed anywhere and added up later:
   call the curvature object, pack its result into summands, and finalize).
 * :func:`fit` (:mod:`~curvlib.data.fitting`) runs an accumulator over a ``DataLoader``
   with a progress bar; with a process group over every rank's shard, guarded by a
-  handshake and status rounds and finished by one packed ``SUM`` all-reduce
-  (:mod:`~curvlib.data.distributed`, :mod:`~curvlib.data.rounds`).
+  handshake (:mod:`~curvlib.data.fields`: what the ranks must agree on) and status rounds,
+  and finished by one packed ``SUM`` all-reduce (:mod:`~curvlib.data.distributed`,
+  :mod:`~curvlib.data.rounds`).
 * :func:`shard_indices`, :func:`sample_seed` (:mod:`~curvlib.data.keys`): contiguous,
   non-padded shards, and the per-data-point keying of the Monte-Carlo draws.
 * :func:`split_batch` (:mod:`~curvlib.data.batches`): the one rule of what a loader batch

@@ -40,6 +40,7 @@ __all__ = [
     "world_group",
     "comm_device",
     "sum_all_reduce",
+    "collective_error",
     "encode_text",
     "decode_text",
     "failure_error",
