@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,9 @@ def main() -> None:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # a finite timeout: the longest a rank may wait in one collective (a peer that died
+    # without reporting); curvlib's status rounds report every other failure within seconds
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=5))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else "cpu"
     try:

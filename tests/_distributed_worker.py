@@ -27,9 +27,9 @@ BATCH = 4
 SEED = 7
 
 
-def problem(n: int = N_DATA, seed: int = 0):
+def problem(n: int = N_DATA, seed: int = 0, hidden: int = 6):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(n, 5, dtype=torch.float64, generator=g)
     Y = torch.randint(0, 3, (n,), generator=g)
@@ -61,18 +61,50 @@ def single(backend: str, curvature: str, structure: str) -> dict:
     return pack(fit(curv, loader, structure, generator=g, progress=False))
 
 
-def _record(results: dict, name: str, fn) -> None:
+class Interrupted:
+    """A loader whose batch ``at`` raises ``exc`` (as Ctrl-C would), recording the time."""
+
+    def __init__(self, loader, at: int, exc: BaseException, clock: dict) -> None:
+        self.loader, self.at, self.exc, self.clock = loader, at, exc, clock
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.at:
+                self.clock["failed_at"] = time.time()
+                raise self.exc
+            yield batch
+
+
+class Endless:
+    """A loader that never ends (a long fit): only failure propagation can stop its rank."""
+
+    def __init__(self, x, y, clock: dict) -> None:
+        self.x, self.y, self.clock = x, y, clock
+
+    def __iter__(self):
+        self.clock["batches"] = 0
+        while True:
+            time.sleep(0.005)  # stands for the work of a batch
+            self.clock["batches"] += 1
+            yield self.x, self.y
+
+
+def _record(results: dict, name: str, fn, clock: dict | None = None) -> None:
     t0 = time.perf_counter()
     try:
         results[name] = pack(fn())
-    except Exception as e:  # recorded, compared by the parent
+    except BaseException as e:  # KeyboardInterrupt too: recorded, compared by the parent
         results[name] = {
             "status": "error",
             "type": type(e).__name__,
+            "cause": type(e.__cause__).__name__ if e.__cause__ is not None else None,
             "message": str(e),
             "elapsed": time.perf_counter() - t0,
+            "raised_at": time.time(),
             "traceback": traceback.format_exc(),
         }
+    if clock is not None:
+        results[name].update(clock)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -183,6 +215,74 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 group="world",
                 progress=False,
             ),
+        )
+
+        # different models on the ranks (hidden width 6 vs 7): the handshake names the
+        # parameter layout on every rank instead of a size mismatch in the all-reduce
+        other, _, _ = problem(hidden=6 + rank)
+        _record(
+            results,
+            "mismatch_model",
+            lambda: fit(
+                curvlib.AutogradGGN(other, "classification"),
+                loader,
+                "kron",
+                group="world",
+                progress=False,
+            ),
+        )
+        _record(
+            results,
+            "mismatch_structure",
+            lambda: fit(
+                curvlib.AutogradGGN(model, "classification"),
+                loader,
+                ("diag", "kron")[rank],
+                group="world",
+                progress=False,
+            ),
+        )
+
+        # rank 0 runs fit, rank 1 a hand-written loop: different collectives would follow
+        def hand_written():
+            acc = curvlib.AutogradGGN(model, "classification").accumulator("diag")
+            for x, y in loader:
+                acc.update(x, y)
+            return acc.all_reduce_("world").finalize()
+
+        _record(
+            results,
+            "mismatch_protocol",
+            (
+                lambda: fit(
+                    curvlib.AutogradGGN(model, "classification"),
+                    loader,
+                    "diag",
+                    group="world",
+                    progress=False,
+                )
+            )
+            if rank == 0
+            else hand_written,
+        )
+
+        # Ctrl-C in rank 1's loader at its batch 1 while rank 0 is in an endless loop:
+        # rank 0 raises DistributedError, rank 1 its KeyboardInterrupt
+        clock: dict = {}
+        interrupted = Endless(X[:BATCH], Y[:BATCH], clock)
+        if rank == 1:
+            interrupted = Interrupted(interrupted, 1, KeyboardInterrupt(), clock)
+        _record(
+            results,
+            "interrupt_rank1",
+            lambda: fit(
+                curvlib.AutogradGGN(model, "classification"),
+                interrupted,
+                "diag",
+                group="world",
+                progress=False,
+            ),
+            clock,
         )
 
         # the group is still healthy after the failures

@@ -8,6 +8,9 @@ registered backend, curvature and structure.
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 from cases import CASES
@@ -16,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvlib
 from curvlib.backends import backend_class, registry
-from curvlib.data import Accumulator, fit, sample_seed, shard_indices
+from curvlib.data import STRUCTURES, Accumulator, fit, sample_seed, shard_indices, split_batch
 from curvlib.errors import (
     CapabilityError,
     DistributedError,
@@ -328,3 +331,119 @@ def test_mc_keying_batch():
         assert rel_err(a, b) < TOL
     with pytest.raises(ValueError, match="mc_keying"):
         curv.accumulator("kron", mc_keying="rank")
+
+
+def test_kron_is_called_with_the_batch_size():
+    """The accumulator calls ``kron(x, y, N=B)`` and rescales A by B: still plain sums."""
+    seen = []
+
+    class Recording(curvlib.AutogradGGN):
+        def kron(self, x, y=None, N=None, **kwargs):
+            seen.append((int(x.shape[0]), N))
+            return super().kron(x, y, N=N, **kwargs)
+
+    _, model, X, Y = problem("cnn_cls")
+    curv = Recording(model, "classification")
+    res = accumulate(curv, "kron", X, Y, PARTITIONS["ragged"])
+    assert seen == [(3, 3), (3, 3), (1, 1)]
+    loss, K = curvlib.AutogradGGN(model, "classification").kron(X, Y, N=N_DATA)
+    assert_close(res, (loss, N_DATA, K))
+
+
+@pytest.mark.parametrize("backend,curvature,structure", [c.values[:3] for c in combos()][::2])
+def test_structure_template_matches_the_result(backend, curvature, structure):
+    """What an empty rank sends (the template) has the shapes of a real result."""
+    _, model, X, Y = problem("mlp_cls")
+    curv = backend_class(backend, curvature)(model, "classification")
+    rule = STRUCTURES[structure]
+    loss, result = rule.call(curv, X, Y, N_DATA, {})
+    tensors, layout = rule.pack(result, N_DATA)
+    shapes, template_layout = rule.template(curv)
+    assert [tuple(t.shape) for t in tensors] == shapes and layout == template_layout
+
+
+def test_split_batch_rule():
+    x, y = torch.zeros(2, 3), torch.zeros(2)
+    assert split_batch((x, y)) == (x, y) and split_batch([x, y]) == (x, y)
+    d = {"input_ids": x, "labels": y}
+    assert split_batch(d) == (d, None)
+    for bad, what in [((x, y, y), "tuple of length 3"), (x, "Tensor"), ([x], "list of length 1")]:
+        with pytest.raises(InputError, match=what):
+            split_batch(bad)
+
+
+def _overflowing_problem():
+    """float32 regression whose batch 1 overflows the curvature (x^2 = 1e40) but not f."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1e-20)
+    X = torch.tensor([[1.0], [2.0], [1e20], [3.0]])
+    return model, X, torch.zeros(4, 1)
+
+
+@pytest.mark.parametrize("structure,quantity", [("diag", "'diag' result"), ("kron", "factor A")])
+def test_nonfinite_result_raises_at_the_batch(structure, quantity):
+    model, X, Y = _overflowing_problem()
+    curv = curvlib.AutogradGGN(model, "regression")
+    loader = DataLoader(TensorDataset(X, Y), batch_size=2)
+    with pytest.raises(
+        NonFiniteError, match=rf"batch 1 \(0-based\) gave a non-finite .*{quantity}"
+    ):
+        fit(curv, loader, structure, progress=False)
+    # the sums are left as they were before the bad batch
+    acc = curv.accumulator(structure)
+    acc.update(X[:2], Y[:2])
+    with pytest.raises(NonFiniteError):
+        acc.update(X[2:], Y[2:])
+    assert_close(acc.finalize(), fit(curv, [(X[:2], Y[:2])], structure, progress=False))
+
+
+def test_nonfinite_input_raised_by_the_curvature_is_chained():
+    _, model, X, Y = problem("mlp_cls")
+    X = X.clone()
+    X[5, 0] = float("nan")
+    curv = curvlib.AutogradGGN(model, "classification")
+    with pytest.raises(NonFiniteError, match=r"batch 1 \(0-based\): .*NaN") as info:
+        fit(curv, DataLoader(TensorDataset(X, Y), batch_size=4), "diag", progress=False)
+    assert isinstance(info.value.__cause__, NonFiniteError)
+
+
+def _fields(curv, **kwargs) -> dict[str, str]:
+    return {k: v for k, v, _ in curv.accumulator("kron", **kwargs).describe()}
+
+
+def test_describe_names_what_ranks_must_share():
+    """The handshake fields: equal for equal architectures, different where they differ."""
+    _, model, _, _ = problem("mlp_cls")
+    _, same_arch, _, _ = problem("mlp_cls", seed=3)  # other weights: not compared
+    fields = _fields(curvlib.AutogradGGN(model, "classification"))
+    assert list(fields) == ["structure", "curvature", "dtype", "parameter layout", "entry sizes"]
+    assert _fields(curvlib.AutogradGGN(same_arch, "classification")) == fields
+    wider = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    other = _fields(curvlib.AutogradGGN(wider, "classification"))
+    assert {k for k in fields if fields[k] != other[k]} == {"parameter layout", "entry sizes"}
+    fisher = curvlib.backend_class("autograd", "fisher")(model, "classification")
+    other = _fields(fisher, seed=0)
+    assert {k for k in fields if fields[k] != other[k]} == {"curvature"}
+
+
+def _live_objects() -> int:
+    """Number of live tensors and modules that the garbage collector tracks."""
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some lazy modules warns
+        warnings.simplefilter("ignore")
+        return sum(isinstance(o, (torch.Tensor, nn.Module)) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_update_holds_no_references(structure):
+    """200 updates leave no tensor or module behind: the state is the sums only."""
+    _, model, X, Y = problem("mlp_cls")
+    acc = curvlib.AutogradGGN(model, "classification").accumulator(structure)
+    for _ in range(5):  # warm-up: the sums exist, lazy caches are built
+        acc.update(X, Y)
+    before = _live_objects()
+    for _ in range(200):
+        acc.update(X, Y)
+    assert _live_objects() - before == 0
+    assert acc.count == 205 * N_DATA
