@@ -177,13 +177,35 @@ def slice_batch(inp: Any, s: slice) -> Any:
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """``(x, y)`` of one batch of a data set: a pair ``(x, y)``, or a dict holding both."""
+    """``(x, y)`` of one loader batch.
+
+    Parameters
+    ----------
+    batch : tuple, list or Mapping
+        A pair ``(x, y)`` (exactly two items), or a dict of inputs that holds the targets
+        under the curvature's ``dict_key_y``.
+
+    Returns
+    -------
+    x : Any
+        ``batch[0]``, or the dict itself.
+    y : Tensor or None
+        ``batch[1]``, or ``None`` for a dict (the curvature reads ``x[dict_key_y]``).
+
+    Raises
+    ------
+    InputError
+        For anything else, naming the type (and the length of a tuple or list).
+    """
     if isinstance(batch, Mapping):
         return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    got = type(batch).__name__
+    if isinstance(batch, (tuple, list)):
+        got += f" of length {len(batch)}"
     raise InputError(
-        "every batch of the data must be a pair (x, y) or a dict holding the targets under "
-        f"dict_key_y, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        "loader batches must be (x, y) pairs or dicts (HuggingFace style, the targets under "
+        f"the curvature's dict_key_y); got {got}. Wrap the loader, e.g. "
+        "((x, y) for x, y, *_ in loader), to drop extra items explicitly"
     )

@@ -381,14 +381,12 @@ def _overflowing_problem():
     return model, X, torch.zeros(4, 1)
 
 
-@pytest.mark.parametrize("structure,quantity", [("diag", "'diag' result"), ("kron", "factor A")])
+@pytest.mark.parametrize("structure,quantity", [("diag", "diag ggn result"), ("kron", "kron")])
 def test_nonfinite_result_raises_at_the_batch(structure, quantity):
     model, X, Y = _overflowing_problem()
     curv = curvlib.AutogradGGN(model, "regression")
     loader = DataLoader(TensorDataset(X, Y), batch_size=2)
-    with pytest.raises(
-        NonFiniteError, match=rf"batch 1 \(0-based\) gave a non-finite .*{quantity}"
-    ):
+    with pytest.raises(NonFiniteError, match=rf"batch 1 \(0-based\).*{quantity}"):
         fit(curv, loader, structure, progress=False)
     # the sums are left as they were before the bad batch
     acc = curv.accumulator(structure)
