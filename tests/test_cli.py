@@ -54,6 +54,7 @@ def test_demo_small(tmp_path, capsys):
         '[laplace]\nstructure = "diag"\n'
     )
     filters, threads = list(warnings.filters), torch.get_num_threads()
+    rng = torch.random.get_rng_state()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rc = main(
@@ -62,6 +63,7 @@ def test_demo_small(tmp_path, capsys):
     assert rc == 0
     assert caught == []  # --quiet: no library warnings ...
     assert warnings.filters == filters and torch.get_num_threads() == threads  # ... and no leak
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the global RNG is untouched
     out = capsys.readouterr().out
     assert "Laplace: all weights, diag ggn" in out
     assert "prior precision tuned by marginal likelihood" in out
