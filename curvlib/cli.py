@@ -85,7 +85,19 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """``curvlib info``: versions, then what each backend computes (``--json``: one object)."""
+    """``curvlib info``: versions, then what each backend computes.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``json``: print one JSON object ``{"versions": ..., "backends": ...}`` (the second
+        is :func:`curvlib.available`) and nothing else.
+
+    Returns
+    -------
+    int
+        0.
+    """
     import curvlib
 
     versions, table = _versions(), curvlib.available()
@@ -236,7 +248,24 @@ def _installed_backends(opts: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``curvlib demo``: options and optional packages are checked first, then the job runs."""
+    """``curvlib demo``: options and optional packages are checked first, then the job runs.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``demo`` options (see ``curvlib demo --help``).
+
+    Returns
+    -------
+    int
+        0.
+
+    Raises
+    ------
+    CLIError
+        A bad option or configuration value, a missing optional package or backend library
+        (reported by :func:`main` as one line, exit status 2).
+    """
     opts = _demo_options(args)
     missing = _missing_packages(DEMO_PACKAGES)
     if missing:
