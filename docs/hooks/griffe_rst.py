@@ -33,8 +33,10 @@ def _display_math(text: str) -> str:
             continue
         indent, body = m.group(1), [m.group(2)] if m.group(2).strip() else []
         i += 1
-        while i < len(lines) and lines[i].strip() and (
-            len(lines[i]) - len(lines[i].lstrip()) > len(indent)
+        while (
+            i < len(lines)
+            and lines[i].strip()
+            and (len(lines[i]) - len(lines[i].lstrip()) > len(indent))
         ):
             body.append(lines[i].strip())
             i += 1
