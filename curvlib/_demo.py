@@ -311,7 +311,7 @@ def _verdict(split: str, wins: dict[str, str]) -> str:
         parts.append(f"tie in {', '.join(by['tie'])}")
     line = f"  {split}: " + "; ".join(parts)
     if wins["nll"] != "Laplace" and wins["ece"] != "Laplace":
-        line += f" -> Laplace does not help on {split} digits"
+        line += f" -> Laplace does not help on {split} digits (neither NLL nor ECE)"
     return line
 
 

@@ -1,4 +1,4 @@
-"""The ``curvlib`` command: a demo, the capability table and the benchmark.
+"""The curvlib command: a demo, the capability table and the benchmark.
 
 ``curvlib demo``  trains a small MLP on scikit-learn's bundled digits (no download),
 computes diag / kron / full GGN and EF with every installed backend and prints their
