@@ -1,66 +1,81 @@
-"""The ``curvlib`` command.
+"""The curvlib command: a demo, the capability table and the benchmark.
 
 ``curvlib demo``  trains a small MLP on scikit-learn's bundled digits (no download),
-computes diag / kron / full GGN and EF with every available backend, prints their agreement
-with the autograd result and their time, fits a Laplace approximation through the
-laplace-torch adapter, reports accuracy, NLL and ECE of the MAP model and the Laplace
-predictive, and saves a figure of per-layer curvature and the K-FAC spectrum.
+computes diag / kron / full GGN and EF with every installed backend and prints their
+agreement with the autograd result and their time, fits a Laplace approximation through the
+laplace-torch adapter with the prior precision tuned by marginal likelihood, compares MAP
+and Laplace (accuracy, NLL, ECE) on held-out, rotated and noised digits, and saves a figure
+and ``results.json`` (:mod:`curvlib._demo`).
 
-``curvlib info``  prints versions and the capability table.
+``curvlib info [--json]``  prints versions and the capability table (``--json``: only JSON).
 
 ``curvlib bench [--quick] [--workloads ...] [--out results.json] [--threads N]``  times every
 backend × curvature × structure against laplace-torch's backends (:mod:`curvlib.benchmark`).
 
-Errors (unknown backend, missing optional extra) are one line on stderr and exit status 2.
+Errors (a bad option or configuration value, a missing optional package) are one line on
+stderr and exit status 2. This module imports only the standard library at import time, and
+``curvlib`` itself is lazy, so ``curvlib --help`` answers without importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
+
+STRUCTURES = ("diag", "kron", "full")
+SUBSETS = ("all", "last_layer")
+# Optional packages the demo needs: import name -> pip package name.
+DEMO_PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "laplace": "laplace-torch"}
 
 
 class CLIError(Exception):
     """An error reported as one line, without a traceback."""
 
 
-def _require(module: str, extra: str) -> Any:
-    import importlib
+def _missing_packages(packages: dict[str, str]) -> list[str]:
+    """The pip names of ``packages`` (import name -> pip name) that cannot be imported.
 
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise CLIError(
-            f"this command needs {module!r} ({err}); "
-            f"install it with: pip install 'curvlib[{extra}]'"
-        ) from None
+    Looked up without importing them (``importlib.util.find_spec``).
+    """
+    missing = []
+    for module, pip in packages.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-removed installation
+            found = False
+        if not found:
+            missing.append(pip)
+    return missing
 
 
 def _load_toml(path: str) -> dict[str, Any]:
     try:
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        tomllib = _require("tomli", "demo")
+    except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise CLIError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise CLIError(f"config file {path} cannot be read: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"config file {path} is not valid TOML: {err}") from None
 
 
 # -- info ---------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out = {"python": platform.python_version()}
     for dist in ("curvlib", "torch", "backpack-for-pytorch", "asdfghjkl", "laplace-torch"):
         try:
             out[dist] = version(dist)
@@ -70,15 +85,28 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """``curvlib info``: versions, then what each backend computes.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``json``: print one JSON object ``{"versions": ..., "backends": ...}`` (the second
+        is :func:`curvlib.available`) and nothing else.
+
+    Returns
+    -------
+    int
+        0.
+    """
     import curvlib
 
-    for dist, ver in _versions().items():
+    versions, table = _versions(), curvlib.available()
+    if args.json:
+        print(json.dumps({"versions": versions, "backends": table}, indent=2))
+        return 0
+    for dist, ver in versions.items():
         print(f"{dist:22s} {ver}")
     print()
-    table = curvlib.available()
-    if args.json:
-        print(json.dumps(table, indent=2))
-        return 0
     print(f"{'backend':10s} {'curvature':10s} structures          kron variants   dict inputs")
     for backend, curvs in table.items():
         for curv, caps in curvs.items():
@@ -92,233 +120,170 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- demo ---------------------------------------------------------------------------------------
-def _digits(seed: int):
-    import numpy as np
-    import torch
-
-    datasets = _require("sklearn.datasets", "demo")
-    X, y = datasets.load_digits(return_X_y=True)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(X))
-    X = torch.tensor(X[perm] / 16.0, dtype=torch.float32)
-    y = torch.tensor(y[perm], dtype=torch.long)
-    n_train = 1200
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
+# -- demo options -------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _train(model, X, y, steps: int, progress: bool):
-    import torch
-    from tqdm.auto import tqdm
-
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in tqdm(range(steps), desc="training MAP", disable=not progress, leave=False):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model
-
-
-def _metrics(probs, y) -> dict[str, float]:
-    import torch
-
-    probs = probs.clamp_min(1e-12)
-    conf, pred = probs.max(-1)
-    acc = (pred == y).double().mean().item()
-    nll = -probs.log().gather(1, y[:, None]).mean().item()
-    bins = torch.linspace(0, 1, 16)
-    ece = 0.0
-    for lo, hi in zip(bins[:-1], bins[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.double().mean().item() * abs(
-                (pred[m] == y[m]).double().mean().item() - conf[m].double().mean().item()
-            )
-    return {"accuracy": acc, "nll": nll, "ece": ece}
+def _names(value: Any, key: str, known: tuple[str, ...], problems: list[str]) -> list[str]:
+    """``value`` as a list of names from ``known`` (one name or a list); else a problem."""
+    names = [value] if isinstance(value, str) else value
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        problems.append(f"{key} must be a name or a non-empty list of names, got {value!r}")
+        return []
+    bad = [n for n in names if n not in known]
+    for n in bad:
+        problems.append(f"unknown {key.rstrip('s')} {n!r} (known: {', '.join(known)})")
+    return list(dict.fromkeys(names))
 
 
-def _as_dense(result) -> Any:
-    return result.to_matrix() if hasattr(result, "to_matrix") else result
+def _demo_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's options: command line over the TOML file over the defaults.
+
+    Every value given, on the command line or in the file (even one the command line
+    overrides), is checked before any work.
+
+    Raises
+    ------
+    CLIError
+        Naming every bad value and unknown key in one line.
+    """
+    from curvlib.backends import CURVATURES, registry
+
+    backends = tuple(registry())
+    cfg: dict[str, Any] = _load_toml(args.config) if args.config else {}
+    lap = cfg.get("laplace", {})
+    problems: list[str] = []
+    if not isinstance(lap, dict):
+        problems.append(f"laplace must be a table ([laplace]), got {lap!r}")
+        lap = {}
+
+    def integer(key: str, low: int) -> Any:
+        def check(value: Any) -> Any:
+            if not (_is_int(value) and value >= low):
+                problems.append(f"{key} must be an integer >= {low}, got {value!r}")
+            return value
+
+        return check
+
+    def folder(value: Any) -> Any:
+        if not (isinstance(value, str) and value):
+            problems.append(f"out must be a folder name (a string), got {value!r}")
+        return value
+
+    def names(key: str, known: tuple[str, ...]) -> Any:
+        return lambda value: _names(value, key, known, problems)
+
+    def choice(key: str, known: tuple[str, ...]) -> Any:
+        def check(value: Any) -> Any:
+            if not (isinstance(value, str) and value in known):
+                problems.append(f"{key} must be one of {', '.join(known)}, got {value!r}")
+            return value
+
+        return check
+
+    # key -> (command-line value, default, check); the [laplace] keys are read from the file
+    top = {
+        "seed": (args.seed, 0, integer("seed", 0)),
+        "out": (args.out, "curvlib-demo", folder),
+        "steps": (args.steps, 300, integer("steps", 1)),
+        "backends": (args.backend, list(backends), names("backends", backends)),
+        "curvatures": (args.curvature, ["ggn", "ef"], names("curvatures", CURVATURES)),
+        "structures": (args.structure, list(STRUCTURES), names("structures", STRUCTURES)),
+    }
+    laplace = {
+        "backend": choice("laplace.backend", backends),
+        "curvature": choice("laplace.curvature", CURVATURES),
+        "structure": choice("laplace.structure", STRUCTURES),
+        "subset": choice("laplace.subset", SUBSETS),
+    }
+    for key in sorted(set(cfg) - set(top) - {"laplace"}):
+        problems.append(f"unknown key {key!r} (known: {', '.join([*top, 'laplace'])})")
+    for key in sorted(set(lap) - set(laplace)):
+        problems.append(f"unknown key laplace.{key} (known: {', '.join(laplace)})")
+    opts: dict[str, Any] = {}
+    for key, (cli, default, check) in top.items():
+        from_file = check(cfg[key]) if key in cfg else default
+        opts[key] = check(cli) if cli is not None else from_file
+    opts["backends_given"] = args.backend is not None or "backends" in cfg
+    first = (opts["backends"] or ["autograd"])[0]
+    defaults = {"backend": first, "curvature": "ggn", "structure": "kron", "subset": "all"}
+    for key, check in laplace.items():
+        opts[f"laplace_{key}"] = check(lap[key]) if key in lap else defaults[key]
+    if problems:
+        where = f" (command line and {args.config})" if args.config else ""
+        raise CLIError(f"bad demo options{where}: " + "; ".join(problems))
+    return opts
 
 
-def _compare_backends(model, X, y, backends, curvatures, structures, progress: bool):
-    import torch
-    from tqdm.auto import tqdm
+def _installed_backends(opts: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The requested backends whose library imports, and notes on those skipped.
 
-    import curvlib
-    from curvlib.errors import CurvlibError
-
-    rows = []
-    jobs = [(c, s, b) for c in curvatures for s in structures for b in backends]
-    reference = {}
-    for curv_name, structure, backend in tqdm(
-        jobs, desc="backends", disable=not progress, leave=False
-    ):
-        cls = curvlib.backend_class(backend, curv_name)
-        curv = cls(model, "classification")
-        if structure not in cls.structures:
-            rows.append((curv_name, structure, backend, None, None, "not offered"))
-            continue
-        try:
-            start = time.perf_counter()
-            _, result = getattr(curv, structure)(X, y, N=len(X))
-            seconds = time.perf_counter() - start
-        except (CurvlibError, NotImplementedError, ValueError) as err:
-            rows.append((curv_name, structure, backend, None, None, str(err).split(";")[0]))
-            continue
-        dense = _as_dense(result).double()
-        key = (curv_name, structure)
-        if backend == "autograd":
-            reference[key] = dense
-        ref = reference.get(key)
-        err = None if ref is None else float((dense - ref).norm() / ref.norm())
-        rows.append((curv_name, structure, backend, err, seconds, ""))
-    torch.set_grad_enabled(True)
-    return rows
-
-
-def _laplace_fit(model, train, test, backend: str, curvature: str, structure: str, progress):
-    import torch
-
-    laplace = _require("laplace", "laplace")
-    from curvlib.integrations.laplace import laplace_backend
-
-    ds = torch.utils.data.TensorDataset(*train)
-    loader = torch.utils.data.DataLoader(ds, batch_size=200)
-    la = laplace.Laplace(
-        model,
-        "classification",
-        subset_of_weights="all",
-        hessian_structure=structure,
-        backend=laplace_backend(backend, curvature),
-    )
-    la.fit(loader, progress_bar=progress)
-    la.optimize_prior_precision(method="marglik", n_steps=100)
-    with torch.no_grad():
-        probs = la(test[0], pred_type="glm", link_approx="probit")
-    return la, probs
-
-
-def _figure(model, X, y, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
+    A backend asked for by name that is not installed is an error; of the default list
+    (every registered backend) those not installed are skipped with a note.
+    """
     import curvlib
 
-    curv = curvlib.AutogradGGN(model, "classification")
-    _, h = curv.diag(X, y)
-    _, K = curv.kron(X, y, N=len(X))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    sizes = [p.numel() for p in curv.params]
-    per_layer = [c.mean().item() for c in h.split(sizes)]
-    eig = torch.cat([e.flatten() for e in _kron_eigenvalues(K)]).sort(descending=True).values
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(range(len(names)), per_layer)
-    ax1.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax1.set_yscale("log")
-    ax1.set_title("mean diagonal GGN per parameter tensor")
-    ax2.semilogy(eig.clamp_min(1e-12).numpy())
-    ax2.set_title("K-FAC GGN eigenvalue spectrum")
-    ax2.set_xlabel("index")
-    fig.tight_layout()
-    path = out / "curvature.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _kron_eigenvalues(K):
-    import torch
-
-    dec = K.decompose()
-    for ev in dec.eigenvalues:
-        vals = ev[0]
-        for other in ev[1:]:
-            vals = torch.outer(vals, other).flatten()
-        yield vals
+    table = curvlib.available()
+    usable, notes = [], []
+    for backend in opts["backends"]:
+        errors = [c["error"] for c in table[backend].values() if "error" in c]
+        if not errors:
+            usable.append(backend)
+            continue
+        hint = f"{backend!r} is not installed ({errors[0]}); pip install 'curvlib[{backend}]'"
+        if opts["backends_given"]:
+            raise CLIError(f"backend {hint}")
+        notes.append(f"skipped backend {hint}")
+    lap = (opts["laplace_backend"], opts["laplace_curvature"], opts["laplace_structure"])
+    caps = table[lap[0]][lap[1]]
+    if "error" in caps:
+        raise CLIError(f"laplace.backend {lap[0]!r} is not installed ({caps['error']})")
+    if lap[2] not in caps["structures"]:
+        raise CLIError(
+            f"laplace: {lap[0]}:{lap[1]} has no {lap[2]!r} structure "
+            f"(it has {', '.join(caps['structures'])})"
+        )
+    return usable, notes
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    """``curvlib demo``: options and optional packages are checked first, then the job runs.
 
-    import curvlib
-    from curvlib.backends import registry
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``demo`` options (see ``curvlib demo --help``).
 
-    cfg: dict[str, Any] = _load_toml(args.config) if args.config else {}
-    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    out = Path(args.out or cfg.get("out", "curvlib-demo"))
-    backends = args.backend or cfg.get("backends") or list(registry())
-    curvatures = args.curvature or cfg.get("curvatures") or ["ggn", "ef"]
-    structures = args.structure or cfg.get("structures") or ["diag", "kron", "full"]
-    laplace_spec = cfg.get("laplace", {})
-    progress = not args.quiet
-    for b in backends:
-        if b not in registry():
-            raise CLIError(f"unknown backend {b!r}; known backends: {sorted(registry())}")
-    for c in curvatures:
-        if c not in curvlib.CURVATURES:
-            raise CLIError(f"unknown curvature {c!r}; known: {list(curvlib.CURVATURES)}")
-    for s in structures:
-        if s not in ("diag", "kron", "full"):
-            raise CLIError(f"unknown structure {s!r}; known: ['diag', 'kron', 'full']")
-    out.mkdir(parents=True, exist_ok=True)
+    Returns
+    -------
+    int
+        0.
 
-    train, test = _digits(seed)
-    with torch.random.fork_rng():  # seeded initialization without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    Raises
+    ------
+    CLIError
+        A bad option or configuration value, a missing optional package or backend library
+        (reported by :func:`main` as one line, exit status 2).
+    """
+    opts = _demo_options(args)
+    missing = _missing_packages(DEMO_PACKAGES)
+    if missing:
+        raise CLIError(
+            f"curvlib demo needs {', '.join(missing)} (not installed); "
+            f"install with: pip install {' '.join(missing)}  (or: pip install 'curvlib[demo]')"
         )
-    _train(model, *train, steps=args.steps, progress=progress)
+    import warnings
 
-    print(f"digits: {len(train[0])} train / {len(test[0])} test, MLP 64-32-10, seed {seed}")
-    print("\ncurvature   structure  backend     rel. diff to autograd   time [s]")
-    rows = _compare_backends(model, *train, backends, curvatures, structures, progress)
-    for curv_name, structure, backend, err, seconds, note in rows:
-        e = "-" if err is None else f"{err:.2e}"
-        t = "-" if seconds is None else f"{seconds:.3f}"
-        print(f"{curv_name:11s} {structure:10s} {backend:11s} {e:>21s}   {t:>8s}  {note}")
+    with warnings.catch_warnings():
+        if args.quiet:  # library warnings (torch's, laplace-torch's) silenced for the demo only
+            warnings.simplefilter("ignore")
+        opts["backends"], notes = _installed_backends(opts)
+        from curvlib import _demo
 
-    lap_backend = laplace_spec.get("backend", backends[0])
-    lap_curv = laplace_spec.get("curvature", "ggn")
-    lap_struct = laplace_spec.get("structure", "kron")
-    la, probs = _laplace_fit(model, train, test, lap_backend, lap_curv, lap_struct, progress)
-    with torch.no_grad():
-        map_probs = torch.softmax(model(test[0]), -1)
-    print(
-        f"\nLaplace ({lap_struct}, {lap_backend}:{lap_curv}), prior precision "
-        f"{float(la.prior_precision.mean()):.3g}"
-    )
-    print(f"{'':10s} {'accuracy':>9s} {'NLL':>8s} {'ECE':>8s}")
-    results = {}
-    for name, p in (("MAP", map_probs), ("Laplace", probs)):
-        m = _metrics(p, test[1])
-        results[name] = m
-        print(f"{name:10s} {m['accuracy']:9.4f} {m['nll']:8.4f} {m['ece']:8.4f}")
-    fig = _figure(model, *train, out)
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "backends": [
-                    dict(
-                        zip(
-                            ("curvature", "structure", "backend", "rel_diff", "seconds", "note"),
-                            r,
-                            strict=True,
-                        )
-                    )
-                    for r in rows
-                ],
-                "laplace": results,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nfigure: {fig}\nresults: {out / 'results.json'}")
+        for note in notes:
+            print(note)
+        _demo.run(opts, progress=not args.quiet)
     return 0
 
 
@@ -341,18 +306,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvlib", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="curvature on the digits data, every backend, Laplace")
-    d.add_argument("--backend", action="append", help="backend(s) to run (default: all)")
-    d.add_argument("--curvature", action="append", help="ggn, fisher, ef, hessian")
-    d.add_argument("--structure", action="append", help="diag, kron, full")
-    d.add_argument("--config", help="TOML file with the same keys (and [laplace])")
-    d.add_argument("--seed", type=int, default=None)
+    d = sub.add_parser(
+        "demo",
+        help="curvature on the digits data with every backend; MAP against Laplace",
+        description="Train an MLP on scikit-learn's digits, compare every backend's curvature "
+        "with autograd's, and compare MAP with a Laplace approximation (prior precision tuned "
+        "by marginal likelihood) on held-out, rotated and noised digits. Needs the [demo] extra.",
+    )
+    d.add_argument(
+        "--backend", action="append", help="backend to run, repeatable (default: all installed)"
+    )
+    d.add_argument(
+        "--curvature", action="append", help="ggn, fisher, ef, hessian (default: ggn and ef)"
+    )
+    d.add_argument("--structure", action="append", help="diag, kron, full (default: all three)")
+    d.add_argument(
+        "--config",
+        help="TOML file with keys seed, out, steps, backends, curvatures, structures and a "
+        "[laplace] table (backend, curvature, structure, subset = all | last_layer); "
+        "options given on the command line win",
+    )
+    d.add_argument("--seed", type=int, default=None, help="seed of split and model (default 0)")
     d.add_argument("--out", default=None, help="output folder (default curvlib-demo)")
-    d.add_argument("--steps", type=int, default=300, help="training steps")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars, no library warnings")
     d.set_defaults(func=cmd_demo)
-    i = sub.add_parser("info", help="versions and capability table")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser(
+        "info",
+        help="versions and capability table",
+        description="Print versions and what each registered backend computes.",
+    )
+    i.add_argument("--json", action="store_true", help="print only one JSON object")
     i.set_defaults(func=cmd_info)
     from curvlib.benchmark import add_arguments
 
@@ -365,7 +349,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``curvlib`` console script."""
+    """Entry point of the ``curvlib`` console script.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``curvlib`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for an error reported as one line on stderr.
+    """
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
