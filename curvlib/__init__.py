@@ -16,6 +16,7 @@ default), ... — the same objects as :func:`curvlib.backend_class` returns, so
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -57,6 +58,19 @@ _EXPORTS: dict[str, str] = {
     "Likelihood": "curvlib.likelihood",
     "Regression": "curvlib.likelihood",
     "get_likelihood": "curvlib.likelihood",
+    "register_kfac_rule": "curvlib.kfac",
+    "KFACRule": "curvlib.kfac",
+    "HessianInterface": "curvlib.interface",
+    "MemoryLimitError": "curvlib.errors",
+    "Capability": "curvlib.capabilities",
+    "SupportReport": "curvlib.support",
+    "CurvatureStructure": "curvlib.structures",
+    "Dense": "curvlib.structures",
+    "Diagonal": "curvlib.structures",
+    "EKFAC": "curvlib.structures",
+    "BlockDiag": "curvlib.structures",
+    "LowRank": "curvlib.structures",
+    "UnsupportedExponentError": "curvlib.structures",
     "CurvatureOperator": "curvlib.linops",
     "curvature_operator": "curvlib.linops",
 }
@@ -67,27 +81,39 @@ __all__ = [
     "AutogradEF",
     "AutogradGGN",
     "AutogradHessian",
+    "BlockDiag",
     "CURVATURES",
+    "Capability",
     "CapabilityError",
     "Classification",
     "CurvatureConfig",
     "CurvatureInterface",
     "CurvatureOperator",
+    "CurvatureStructure",
     "CurvlibError",
     "DecompositionError",
+    "Dense",
+    "Diagonal",
     "DistributedError",
     "EFInterface",
+    "EKFAC",
     "GGNInterface",
+    "HessianInterface",
     "IndefiniteFactorError",
     "InputError",
+    "KFACRule",
     "Kron",
     "KronDecomposed",
     "Likelihood",
     "LikelihoodError",
+    "LowRank",
+    "MemoryLimitError",
     "NonFiniteError",
     "Regression",
     "SharedParameterError",
+    "SupportReport",
     "TargetError",
+    "UnsupportedExponentError",
     "UnsupportedModuleError",
     "available",
     "backend_class",
@@ -102,6 +128,7 @@ __all__ = [
     "layers",
     "make_curvature",
     "register_backend",
+    "register_kfac_rule",
     "supports",
 ]
 
@@ -109,6 +136,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, griffe) see; kept e
     from curvlib import functional, layers
     from curvlib.backends import CURVATURES, backend_class, register_backend
     from curvlib.backends.autograd import AutogradEF, AutogradGGN, AutogradHessian
+    from curvlib.capabilities import Capability
     from curvlib.config import CurvatureConfig, available, make_curvature, supports
     from curvlib.data import fit
     from curvlib.errors import (
@@ -118,16 +146,28 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, griffe) see; kept e
         DistributedError,
         InputError,
         LikelihoodError,
+        MemoryLimitError,
         NonFiniteError,
         SharedParameterError,
         TargetError,
         UnsupportedModuleError,
     )
     from curvlib.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace, lanczos
-    from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface
+    from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface, HessianInterface
+    from curvlib.kfac import KFACRule, register_kfac_rule
     from curvlib.kron import IndefiniteFactorError, Kron, KronDecomposed
     from curvlib.likelihood import Classification, Likelihood, Regression, get_likelihood
     from curvlib.linops import CurvatureOperator, curvature_operator
+    from curvlib.structures import (
+        EKFAC,
+        BlockDiag,
+        CurvatureStructure,
+        Dense,
+        Diagonal,
+        LowRank,
+        UnsupportedExponentError,
+    )
+    from curvlib.support import SupportReport
 
 
 def _class_name(ref: Any) -> str:
@@ -167,9 +207,12 @@ def _backend_exports() -> dict[str, tuple[str, str]]:
 
 
 def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(f"module 'curvlib' has no attribute {name!r}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
+    elif name in _SUBMODULES or importlib.util.find_spec(f"curvlib.{name}") is not None:
+        # a submodule (``from curvlib import capabilities`` asks here first)
         value = importlib.import_module(f"curvlib.{name}")
     else:
         spec = _backend_exports().get(name)

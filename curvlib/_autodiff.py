@@ -36,8 +36,18 @@ __all__ = [
 # model -> {"vjp": "vmap" | "batched" | "loop", "jvp": "forward" | "reverse", "hvp": ...}
 _MODES: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 _FAILURES = (RuntimeError, NotImplementedError, ValueError, TypeError)
-_TRANSFORM_WORDS = ("vmap", "functorch", "batching rule", "batched", "forward ad", "forward-mode",
-                    "forward mode", "jvp", "dual", "data-dependent")
+_TRANSFORM_WORDS = (
+    "vmap",
+    "functorch",
+    "batching rule",
+    "batched",
+    "forward ad",
+    "forward-mode",
+    "forward mode",
+    "jvp",
+    "dual",
+    "data-dependent",
+)
 
 
 def _transform_limit(err: BaseException) -> bool:
@@ -139,16 +149,27 @@ def _vjps_reverse(fn, params, inp, cot, detach: bool, batched: bool) -> Tensor:
         last = s + step >= len(pairs)
         if batched:
             grads = torch.autograd.grad(
-                f, values, E, retain_graph=not last or not detach, create_graph=not detach,
-                is_grads_batched=True, allow_unused=True,
+                f,
+                values,
+                E,
+                retain_graph=not last or not detach,
+                create_graph=not detach,
+                is_grads_batched=True,
+                allow_unused=True,
             )
             rows.append(_flat_batched(grads, values, len(chunk)))
         else:
             grads = torch.autograd.grad(
-                f, values, E[0], retain_graph=not last or not detach, create_graph=not detach,
+                f,
+                values,
+                E[0],
+                retain_graph=not last or not detach,
+                create_graph=not detach,
                 allow_unused=True,
             )
-            rows.append(_flat_batched([None if g is None else g.unsqueeze(0) for g in grads], values, 1))
+            rows.append(
+                _flat_batched([None if g is None else g.unsqueeze(0) for g in grads], values, 1)
+            )
     return torch.cat(rows).reshape(B, K, -1)
 
 
@@ -217,9 +238,7 @@ def jvp(
         out = fn(vals)
         u = torch.zeros_like(out, requires_grad=True)
         g = torch.autograd.grad(out, vals, u, create_graph=True, allow_unused=True)
-        dot = sum(
-            (gi * t).sum() for gi, t in zip(g, tangents, strict=True) if gi is not None
-        )
+        dot = sum((gi * t).sum() for gi, t in zip(g, tangents, strict=True) if gi is not None)
         if not isinstance(dot, Tensor) or not dot.requires_grad:
             return torch.zeros_like(out)
         (Jv,) = torch.autograd.grad(dot, u, allow_unused=True)
@@ -262,12 +281,17 @@ def hvp(
         loss = loss_fn(vals)
         g = torch.autograd.grad(loss, vals, create_graph=True, allow_unused=True)
         gflat = torch.cat(
-            [v.new_zeros(v.numel()) if gi is None else gi.reshape(-1) for gi, v in zip(g, vals, strict=True)]
+            [
+                v.new_zeros(v.numel()) if gi is None else gi.reshape(-1)
+                for gi, v in zip(g, vals, strict=True)
+            ]
         )
     if not gflat.requires_grad:
         return V.new_zeros(V.shape)
     rows = []
     for i in range(V.shape[0]):
-        out = torch.autograd.grad(gflat, vals, V[i], retain_graph=i < V.shape[0] - 1, allow_unused=True)
+        out = torch.autograd.grad(
+            gflat, vals, V[i], retain_graph=i < V.shape[0] - 1, allow_unused=True
+        )
         rows.append(_flat_batched([None if o is None else o.unsqueeze(0) for o in out], vals, 1))
     return torch.cat(rows)

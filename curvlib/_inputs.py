@@ -46,7 +46,9 @@ def batch_size(x: Any, dict_key_x: str) -> int:
             raise InputError(f"dict input has no key {dict_key_x!r} (dict_key_x); keys: {list(x)}")
         t = x[dict_key_x]
         if not isinstance(t, Tensor) or t.ndim == 0:
-            raise InputError(f"dict input {dict_key_x!r} must be a batched tensor, got {describe(t)}")
+            raise InputError(
+                f"dict input {dict_key_x!r} must be a batched tensor, got {describe(t)}"
+            )
         return int(t.shape[0])
     if not isinstance(x, Tensor):
         raise InputError(f"x must be a tensor or a dict of tensors, got {type(x).__name__}")
@@ -98,7 +100,8 @@ def check_inputs(x: Any, dict_key_x: str, device: torch.device, dtype: torch.dty
                 bad = _bad_rows(leaf)
                 if bad:
                     raise NonFiniteError(
-                        f"the inputs contain NaN or infinite values at batch indices {_indices(bad)}"
+                        "the inputs contain NaN or infinite values at batch indices "
+                        f"{_indices(bad)}"
                     )
     if B == 0:
         raise InputError("the batch is empty (batch size 0)")

@@ -40,7 +40,9 @@ def selected_params(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def check_params(model: nn.Module, module: nn.Module, params: list[Tensor], last_layer: bool) -> None:
+def check_params(
+    model: nn.Module, module: nn.Module, params: list[Tensor], last_layer: bool
+) -> None:
     """Refuse half precision, mixed dtypes or devices, training-mode layers, and no parameters."""
     if not params:
         raise InputError(
@@ -101,7 +103,13 @@ def subnetwork(indices: Any, P: int, device: torch.device) -> Tensor | None:
                 f"shape ({P},); got shape {tuple(idx.shape)}"
             )
         idx = idx.nonzero().flatten()
-    if idx.ndim != 1 or idx.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+    if idx.ndim != 1 or idx.dtype not in (
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+    ):
         raise InputError(
             "subnetwork_indices must be a 1-D tensor of integer indices (or a boolean "
             f"mask) into the {P} selected parameters, got shape {tuple(idx.shape)} "
@@ -112,9 +120,7 @@ def subnetwork(indices: Any, P: int, device: torch.device) -> Tensor | None:
         raise InputError("subnetwork_indices is empty; select at least one parameter entry")
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= P:
-        raise InputError(
-            f"subnetwork_indices must lie in [0, {P - 1}], got values in [{lo}, {hi}]"
-        )
+        raise InputError(f"subnetwork_indices must lie in [0, {P - 1}], got values in [{lo}, {hi}]")
     if torch.unique(idx).numel() != idx.numel():
         values, counts = torch.unique(idx, return_counts=True)
         dup = values[counts > 1]

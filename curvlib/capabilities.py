@@ -219,7 +219,10 @@ def _original_forward(types: tuple[type[nn.Module], ...]) -> Constraint:
     def check(m: nn.Module, owns: bool) -> str:
         base = next((t for t in types if isinstance(m, t)), None)
         if owns and base is not None and type(m).forward is not base.forward:
-            return f"a subclass of {base.__name__} with its own forward; the library assumes the original"
+            return (
+                f"a subclass of {base.__name__} with its own forward; the library assumes "
+                "the original"
+            )
         return ""
 
     return Constraint("original_forward", check)
@@ -569,7 +572,14 @@ def dynamic_problems(
     for path, m in mods:
         n = len(records.calls.get(id(m), []))
         if n > 1:
-            return [Problem(path, m, f"it ran {n} times in one forward pass; the library keeps one call per module", kind="shared")]
+            return [
+                Problem(
+                    path,
+                    m,
+                    f"it ran {n} times in one forward pass; the library keeps one call per module",
+                    kind="shared",
+                )
+            ]
     if not cap.chain:
         return []
     leaves = [(path, m) for path, m in mods if not list(m.children())]

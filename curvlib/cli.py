@@ -107,16 +107,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     for dist, ver in versions.items():
         print(f"{dist:22s} {ver}")
     print()
-    print(f"{'backend':10s} {'curvature':10s} structures          kron variants   dict inputs")
+    print(
+        f"{'backend':9s} {'curvature':9s} {'entry':9s} {'impl':7s} {'exact':5s} "
+        f"{'memory':12s} {'dict':5s} modules / how"
+    )
     for backend, curvs in table.items():
         for curv, caps in curvs.items():
             if "error" in caps:
-                print(f"{backend:10s} {curv:10s} unavailable: {caps['error']}")
+                print(f"{backend:9s} {curv:9s} unavailable: {caps['error']}")
                 continue
-            print(
-                f"{backend:10s} {curv:10s} {','.join(caps['structures']):19s} "
-                f"{','.join(caps['kfac_approx']) or '-':15s} {caps['dict_inputs']}"
-            )
+            for entry, row in caps["entry_points"].items():
+                mods = (
+                    row["modules"] if isinstance(row["modules"], str) else ",".join(row["modules"])
+                )
+                how = f"{mods}" + (f"; {row['note']}" if row["note"] else "")
+                if row["kfac_approx"]:
+                    how += f"; kfac_approx {'/'.join(row['kfac_approx'])}"
+                print(
+                    f"{backend:9s} {curv:9s} {entry:9s} {row['impl']:7s} {str(row['exact']):5s} "
+                    f"{row['memory']:12s} {str(row['dict_inputs']):5s} {how}"
+                )
     return 0
 
 

@@ -56,7 +56,7 @@ __all__ = [
 
 
 def _curv(curvature: str, model: nn.Module, likelihood: str, backend: str | None, **options: Any):
-    """The curvature object of ``backend`` (default ``CURVLIB_BACKEND``'s backend, then autograd)."""
+    """The curvature object of ``backend`` (default: ``CURVLIB_BACKEND``'s, then autograd)."""
     import os
 
     from curvlib.backends import backend_class

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 from curvlib import _autodiff, _inputs, _memory, _selection
 from curvlib._call import Call
 from curvlib._hygiene import differentiable_kernels, preserved_model
-from curvlib.capabilities import STRUCTURES, Capability, Problem, dynamic_problems, row, static_problems
+from curvlib.capabilities import (
+    STRUCTURES,
+    Capability,
+    Problem,
+    dynamic_problems,
+    row,
+    static_problems,
+)
 from curvlib.errors import (
     CapabilityError,
     InputError,
@@ -76,8 +83,17 @@ OPERATOR_OPTIONS = (
     "chunk_size",
 )
 #: the row of curvlib's shared torch.func Jacobians (``functorch_jacobians``)
-SHARED_JACOBIANS = Capability(impl="shared", memory="BCP", differentiable=True, note="torch.func vjp")
-_CONSTRUCTOR = ("model", "likelihood", "last_layer", "subnetwork_indices", "dict_key_x", "dict_key_y")
+SHARED_JACOBIANS = Capability(
+    impl="shared", memory="BCP", differentiable=True, note="torch.func vjp"
+)
+_CONSTRUCTOR = (
+    "model",
+    "likelihood",
+    "last_layer",
+    "subnetwork_indices",
+    "dict_key_x",
+    "dict_key_y",
+)
 
 
 class _Structures:
@@ -256,7 +272,7 @@ class CurvatureInterface:
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.{what}() got unexpected keyword(s) {unknown}; accepted: "
-                f"{sorted(('x', 'y', 'N') + accepted) if what in STRUCTURES else sorted(('x',) + accepted)}"
+                f"{sorted((('x', 'y', 'N') if what in STRUCTURES else ('x',)) + accepted)}"
             )
         opts = dict(kwargs)
         if "mc_samples" in opts:
@@ -266,12 +282,15 @@ class CurvatureInterface:
         if "num_samples" in opts:
             opts["num_samples"] = _inputs.check_positive_int("num_samples", opts["num_samples"])
         if opts.get("kfac_approx", "expand") not in KFAC_APPROX:
-            raise InputError(f"kfac_approx must be one of {KFAC_APPROX}, got {opts['kfac_approx']!r}")
+            raise InputError(
+                f"kfac_approx must be one of {KFAC_APPROX}, got {opts['kfac_approx']!r}"
+            )
         gen = opts.get("generator")
         if gen is not None and not isinstance(gen, torch.Generator):
             if not (isinstance(gen, Sequence) and all(isinstance(g, torch.Generator) for g in gen)):
                 raise InputError(
-                    f"generator must be a torch.Generator (or one per data point), got {type(gen).__name__}"
+                    "generator must be a torch.Generator (or one per data point), got "
+                    f"{type(gen).__name__}"
                 )
         return opts
 
@@ -394,7 +413,9 @@ class CurvatureInterface:
             + (" (or freeze its parameters / use last_layer=True)" if names else "")
         )
 
-    def _others(self, what: str, model: bool = False, dict_inputs: bool = False, kfac: str | None = None) -> list[str]:
+    def _others(
+        self, what: str, model: bool = False, dict_inputs: bool = False, kfac: str | None = None
+    ) -> list[str]:
         """Other backends whose row for ``what`` accepts this call (static checks only)."""
         from curvlib.backends import registry
 
@@ -410,7 +431,9 @@ class CurvatureInterface:
             if model:
                 from curvlib.kfac import rule_for
 
-                if static_problems(cap, self._model, self.params, lambda m: rule_for(m) is not None):
+                if static_problems(
+                    cap, self._model, self.params, lambda m: rule_for(m) is not None
+                ):
                     continue
             out.append(name)
         return out
@@ -425,7 +448,9 @@ class CurvatureInterface:
             B=call.B,
             C=None if f is None else int(f[0].numel()),
             kron_entries=kron_entries(self._model, self.params) if call.cap.memory == "kron" else 0,
-            layer_blocks=_layer_blocks(self._model, self.params) if call.cap.memory == "layer_blocks" else 0,
+            layer_blocks=_layer_blocks(self._model, self.params)
+            if call.cap.memory == "layer_blocks"
+            else 0,
         )
 
     def _check_memory(self, call: Call, f: Tensor | None) -> None:
@@ -436,7 +461,9 @@ class CurvatureInterface:
             return
         sizes = self._sizes(call, f)
         alts = [(s, c.memory) for s, c in self.capability_row(self.curvature_key()).items()]
-        _memory.check(call.what, call.cap.memory, sizes, ref.element_size(), limit, alts, self.curvature_key())
+        _memory.check(
+            call.what, call.cap.memory, sizes, ref.element_size(), limit, alts, self.curvature_key()
+        )
 
     @contextmanager
     def _hygiene(self, call: Call):
@@ -505,7 +532,9 @@ class CurvatureInterface:
         return loss.detach(), result
 
     # -- public API ---------------------------------------------------------------------
-    def jacobians(self, x: Any, enable_backprop: bool = False, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def jacobians(
+        self, x: Any, enable_backprop: bool = False, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         r"""Per-sample Jacobians :math:`J_n = \partial f_n / \partial\theta`.
 
         Parameters
@@ -523,7 +552,9 @@ class CurvatureInterface:
         f : Tensor
             ``(B, C)`` model output.
         """
-        call = self._begin("jacobians", x, kwargs={**kwargs, "enable_backprop": enable_backprop}, need_y=False)
+        call = self._begin(
+            "jacobians", x, kwargs={**kwargs, "enable_backprop": enable_backprop}, need_y=False
+        )
         Js, f = self._run(call, self._jacobians)
         Js = call.select(Js)
         self._finite("Jacobians", Js)
@@ -532,7 +563,11 @@ class CurvatureInterface:
     def functorch_jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """The Jacobians by curvlib's torch.func implementation, whatever the backend."""
         call = self._begin(
-            "jacobians", x, kwargs={"enable_backprop": enable_backprop}, need_y=False, cap=SHARED_JACOBIANS
+            "jacobians",
+            x,
+            kwargs={"enable_backprop": enable_backprop},
+            need_y=False,
+            cap=SHARED_JACOBIANS,
         )
         Js, f = self._run(call, lambda c: CurvatureInterface._jacobians(self, c))
         Js = call.select(Js)
@@ -571,7 +606,9 @@ class CurvatureInterface:
         self._finite("per-sample gradients", Gs)
         return Gs.detach(), loss.detach()
 
-    def full(self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def full(
+        self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         """The dense curvature ``(loss, H (P, P))``.
 
         Parameters
@@ -579,8 +616,11 @@ class CurvatureInterface:
         x, y : the batch (``y`` may be inside a dict ``x``)
         N : int, optional
             Number of data points of the data set (checked; dense sums do not use it).
-        generator, num_samples / mc_samples, kfac_approx
-            Per-call options (MC draws; see the constructor).
+        **kwargs
+            Per-call options with their constructor meaning: ``generator`` (a
+            ``torch.Generator``, or one per data point, for the MC draws), ``num_samples`` (or
+            its alias ``mc_samples``) and ``kfac_approx``; any other keyword is a
+            ``TypeError`` naming it.
 
         Returns
         -------
@@ -592,7 +632,9 @@ class CurvatureInterface:
         call = self._begin("full", x, y, N, kwargs)
         return self._finish(call, *self._run(call, self._full))
 
-    def diag(self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def diag(
+        self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         """The diagonal of the curvature ``(loss, h (P,))``; arguments as :meth:`full`."""
         call = self._begin("diag", x, y, N, kwargs)
         return self._finish(call, *self._run(call, self._diag))
@@ -611,8 +653,8 @@ class CurvatureInterface:
         x, y : the batch
         N : int, optional
             Number of data points of the data set (at least the batch size; default it).
-        generator, num_samples / mc_samples, kfac_approx
-            Per-call options.
+        **kwargs
+            Per-call options, as for :meth:`full`.
         """
         call = self._begin("kron", x, y, N, kwargs)
         return self._finish(call, *self._run(call, self._kron))
@@ -654,7 +696,12 @@ class CurvatureInterface:
         eye = torch.eye(K, dtype=f.dtype, device=f.device).reshape(K, *out)
         cot = eye.expand(f.shape[0], *eye.shape)
         V = _autodiff.per_sample_vjps(
-            self._model, self.params, call.inp, cot, detach=not call.enable_backprop, model_key=self.model
+            self._model,
+            self.params,
+            call.inp,
+            cot,
+            detach=not call.enable_backprop,
+            model_key=self.model,
         )
         return V.reshape(f.shape[0], *out, -1), f
 
@@ -684,7 +731,11 @@ class CurvatureInterface:
         from curvlib.kron import Kron
 
         lp = LayerPass(self._model, self.params)
-        f = lp.run(lambda: call.forward(), lambda f: call.cotangents(f), self._generic_products_for(call.inp))
+        f = lp.run(
+            lambda: call.forward(),
+            lambda f: call.cotangents(f),
+            self._generic_products_for(call.inp),
+        )
         return call.loss(f), Kron(lp.factors(call.N, call.kfac_approx))
 
     def _generic_products_for(self, inp: Any):
@@ -698,7 +749,11 @@ class CurvatureInterface:
     def _unsupported(self, structure: str) -> CapabilityError:
         from curvlib.backends import backends_supporting
 
-        others = [b for b in backends_supporting(self.curvature_key(), structure) if b != self.backend_name]
+        others = [
+            b
+            for b in backends_supporting(self.curvature_key(), structure)
+            if b != self.backend_name
+        ]
         return CapabilityError(
             f"backend {self.backend_name!r} cannot compute the {structure!r} structure of "
             f"{self.curvature_key()!r}; backends that can: {others or 'none'}; structures "
@@ -761,7 +816,9 @@ class GGNInterface(CurvatureInterface):
         r""":math:`\sum_n J_n^\top M_n J_n` from the backend's Jacobians."""
         Js, f = self._jacobians(call)
         cot = call.cotangents(f)
-        V = torch.einsum("bkc,bcp->bkp", cot.flatten(2), call.select(Js.reshape(Js.shape[0], -1, Js.shape[-1])))
+        V = torch.einsum(
+            "bkc,bcp->bkp", cot.flatten(2), call.select(Js.reshape(Js.shape[0], -1, Js.shape[-1]))
+        )
         V = V.flatten(0, 1)
         return call.loss(f), V.T @ V
 

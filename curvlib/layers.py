@@ -111,7 +111,12 @@ def differentiable_diagonal(
             lik = curv.lik
             cot = lik.sqrt_cotangents(f, call.y) if name == "ggn" else lik.ef_cotangents(f, call.y)
             V = _autodiff.per_sample_vjps(
-                curv.differentiated_module, curv.params, call.inp, cot, detach=False, model_key=curv.model
+                curv.differentiated_module,
+                curv.params,
+                call.inp,
+                cot,
+                detach=False,
+                model_key=curv.model,
             )
         diag = call.select(V).pow(2).sum((0, 1))
         return diag if sel is None else diag[sel]

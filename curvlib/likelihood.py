@@ -144,9 +144,11 @@ class Likelihood(ABC):
 
     @abstractmethod
     def sqrt_hessian(self, f: Tensor) -> Tensor:
-        r"""A square root ``S`` with :math:`S S^\top = \Lambda(f)` per position, ``(*f.shape, C)``."""
+        r"""A square root ``S``, :math:`S S^\top = \Lambda(f)`, per position: ``(*f.shape, C)``."""
 
-    def sample_grad_outputs(self, f: Tensor, num_samples: int, generator: Generators = None) -> Tensor:
+    def sample_grad_outputs(
+        self, f: Tensor, num_samples: int, generator: Generators = None
+    ) -> Tensor:
         r"""Pseudo-target gradients :math:`\tilde g = \nabla_f(-\log p(\tilde y|f))`.
 
         :math:`\tilde y` is drawn from the model's predictive, independently at every
@@ -198,7 +200,7 @@ class Likelihood(ABC):
     def mc_cotangents(
         self, f: Tensor, num_samples: int, generator: Generators = None, y: Tensor | None = None
     ) -> Tensor:
-        """Cotangents ``(B, S, *f.shape[1:])`` of the MC Fisher: sampled gradients over ``sqrt(S)``."""
+        """MC Fisher cotangents ``(B, S, *f.shape[1:])``: sampled gradients over ``sqrt(S)``."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         g = self.sample_grad_outputs(f, num_samples, generator) / math.sqrt(num_samples)

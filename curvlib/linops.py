@@ -104,7 +104,9 @@ class CurvatureOperator:
         self.generator = generator
         ref = curv.params[0] if curv.params else None
         if ref is None:
-            raise InputError(f"{type(curv.model).__name__} has no parameters with requires_grad=True")
+            raise InputError(
+                f"{type(curv.model).__name__} has no parameters with requires_grad=True"
+            )
         self.dtype, self.device = ref.dtype, ref.device
         self._data = data
         self._batch: Any = None
@@ -205,7 +207,9 @@ class CurvatureOperator:
             with self.curv._hygiene(call):
                 part = torch.cat(
                     [
-                        self.curv._matmat(call, V[:, s : s + self.chunk_size], cot, self.create_graph)
+                        self.curv._matmat(
+                            call, V[:, s : s + self.chunk_size], cot, self.create_graph
+                        )
                         for s in range(0, V.shape[1], self.chunk_size)
                     ],
                     dim=1,
@@ -342,7 +346,9 @@ def curvature_operator(
     )
 
 
-def shared_matmat(curv: Any, call: Any, V: Tensor, cot: Tensor | None, create_graph: bool) -> Tensor:
+def shared_matmat(
+    curv: Any, call: Any, V: Tensor, cot: Tensor | None, create_graph: bool
+) -> Tensor:
     """``C_batch @ V`` for ``V (P, K)`` in the full parameter space, by torch.func.
 
     The curvature's shared product (see the module docstring): Jacobian-vector products
@@ -365,7 +371,10 @@ def shared_matmat(curv: Any, call: Any, V: Tensor, cot: Tensor | None, create_gr
         return _autodiff.hvp(lambda vals: lik.loss(fn(vals, inp), y), values, V.T, curv.model).T
     f, vjp_fn = torch.func.vjp(lambda *ps: fn(ps, inp), *values)
     JV = torch.stack(
-        [_autodiff.jvp(lambda vals: fn(vals, inp), values, unflat(V[:, k]), curv.model) for k in range(V.shape[1])]
+        [
+            _autodiff.jvp(lambda vals: fn(vals, inp), values, unflat(V[:, k]), curv.model)
+            for k in range(V.shape[1])
+        ]
     )  # (K, B, *out)
     f_m = f if create_graph else f.detach()
     JVf = JV.flatten(2)  # (K, B, O)

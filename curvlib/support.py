@@ -179,7 +179,9 @@ def supports(
             }
             for n in curv.params_dict
         ]
-        return SupportReport(backend, curvature, structure, rows, [f"{backend!r} has no {structure!r}"])
+        return SupportReport(
+            backend, curvature, structure, rows, [f"{backend!r} has no {structure!r}"]
+        )
     problems = curv.problems(structure)
     rows = _param_rows(curv, structure, problems)
     owners = {id(m) for m in _owners(curv)}
@@ -199,7 +201,9 @@ def supports(
 
 def _owners(curv: Any) -> list[nn.Module]:
     sel = {id(p) for p in curv.params}
-    return [m for m in curv._model.modules() if any(id(p) in sel for p in m.parameters(recurse=False))]
+    return [
+        m for m in curv._model.modules() if any(id(p) in sel for p in m.parameters(recurse=False))
+    ]
 
 
 def _call_checks(curv: Any, structure: str, x: Any, y: Any) -> str:
@@ -209,7 +213,9 @@ def _call_checks(curv: Any, structure: str, x: Any, y: Any) -> str:
     what = structure if structure != "operator" else "diag"
     need_y = structure not in ("jacobians",)
     try:
-        call = curv._begin(what, x, y, None, None, need_y=need_y) if structure != "operator" else None
+        call = (
+            curv._begin(what, x, y, None, None, need_y=need_y) if structure != "operator" else None
+        )
         if call is None:
             return ""
         records = Records()

@@ -182,7 +182,7 @@ def test_kron_with_subnetwork_raises():
 def test_dict_inputs_refused():
     model = nn.Sequential(nn.Linear(3, 2)).double()
     batch = {"input_ids": torch.randn(4, 3, dtype=torch.float64), "labels": torch.zeros(4).long()}
-    assert not BackPackGGN.capability_row()['diag'].dict_inputs
+    assert not BackPackGGN.capability_row()["diag"].dict_inputs
     for structure in ("full", "diag", "kron"):
         with pytest.raises(CapabilityError, match="dict"):
             getattr(BackPackGGN(model, "classification"), structure)(batch)

@@ -204,7 +204,7 @@ def test_missing_backend_library(tmp_path):
         "sys.exit(main(['demo', '--backend', 'backpack', '--out', 'x']))"
     )
     assert r.returncode == 2, r.stderr
-    assert "backpack   ggn        unavailable: ModuleNotFoundError" in r.stdout
+    assert "backpack  ggn       unavailable: ModuleNotFoundError" in r.stdout
     usable, notes = json.loads(r.stdout.split("USABLE ", 1)[1])
     assert "backpack" not in usable and usable[:2] == ["autograd", "auto"]
     assert len(notes) == 1 and notes[0].startswith("skipped backend 'backpack' is not installed")

@@ -17,8 +17,6 @@ from torch.nn import functional as F
 from curvlib import (
     AutogradEF,
     AutogradGGN,
-    SharedParameterError,
-    UnsupportedModuleError,
     backend_class,
 )
 from curvlib.backends import registry
@@ -30,6 +28,7 @@ from curvlib.kfac.rules import LinearRule
 
 def unfold_input(x, conv):
     return unfold(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+
 
 TOL = 1e-10
 

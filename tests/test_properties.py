@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import pytest
 import reference as ref
 import torch
 from hypothesis import HealthCheck, given, settings

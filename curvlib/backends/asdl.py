@@ -51,6 +51,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+with warnings.catch_warnings():  # asdfghjkl 0.1a4 uses the deprecated torch.jit.script
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import asdl  # noqa: F401  (an absent asdfghjkl makes this backend unavailable at once)
+
 from curvlib._call import Call
 from curvlib._hygiene import preserved_model
 from curvlib.capabilities import Records
@@ -164,7 +168,10 @@ class _AsdlBase:
                 for k in range(cot.shape[1]):
                     cxt.clear_batch_grads()
                     torch.autograd.grad(
-                        f, params, grad_outputs=cot[:, k], retain_graph=k < cot.shape[1] - 1,
+                        f,
+                        params,
+                        grad_outputs=cot[:, k],
+                        retain_graph=k < cot.shape[1] - 1,
                         allow_unused=True,
                     )
                     per_param: dict[int, Tensor] = {}
@@ -185,7 +192,9 @@ class _AsdlBase:
 
     def _gradients(self, call: Call) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of the terms of ``lossfunc`` (without ``factor``)."""
-        f, G = self._asdl_vjps(call, call.y, lambda f: self.lik.ef_cotangents(f, call.y) / self.factor)
+        f, G = self._asdl_vjps(
+            call, call.y, lambda f: self.lik.ef_cotangents(f, call.y) / self.factor
+        )
         return G[:, 0], self.lossfunc(f, call.y).detach()
 
 
@@ -230,7 +239,9 @@ class _AsdlFisher(_AsdlBase):
                 y = g.argmin(-1).flatten()  # g~ = p - e_y~: its one negative entry is y~
             else:
                 y = (f0.unsqueeze(1) - g).flatten(0, 1)  # g~ = f - y~
-            inp = tree_map(lambda t: t.repeat_interleave(S, dim=0) if isinstance(t, Tensor) else t, inp)
+            inp = tree_map(
+                lambda t: t.repeat_interleave(S, dim=0) if isinstance(t, Tensor) else t, inp
+            )
             ftype = FISHER_EMP
             call = _repeated(call, inp, y)
         cfg = FisherConfig(
@@ -347,13 +358,19 @@ class _AsdlFisher(_AsdlBase):
             entries.update(self._shared_kron(call, rest, native_ids))
         return call.loss(f), Kron([entries[id(p)] for p in self.params])
 
-    def _shared_kron(self, call: Call, params: list[Tensor], skip: set[int]) -> dict[int, list[Tensor]]:
+    def _shared_kron(
+        self, call: Call, params: list[Tensor], skip: set[int]
+    ) -> dict[int, list[Tensor]]:
         """Entries of ``params`` (layers ASDL lacks) by curvlib's rule table."""
         from curvlib.kfac import LayerPass
 
         lp = LayerPass(self._model, params)
         with self._session():
-            lp.run(lambda: call.forward(), lambda f: call.cotangents(f), self._generic_products_for(call.inp))
+            lp.run(
+                lambda: call.forward(),
+                lambda f: call.cotangents(f),
+                self._generic_products_for(call.inp),
+            )
             kfacs = lp.factors(call.N, call.kfac_approx)
         return {id(p): k for p, k in zip(params, kfacs, strict=True)}
 
@@ -495,7 +512,9 @@ class AsdlHessian(_AsdlBase, HessianInterface):
 
         ref = self.params[0] if self.params else None
         if ref is None:
-            raise InputError(f"{type(self.model).__name__} has no parameters with requires_grad=True")
+            raise InputError(
+                f"{type(self.model).__name__} has no parameters with requires_grad=True"
+            )
         batches = [
             tree_map(lambda t: t.to(ref.device) if isinstance(t, Tensor) else t, b)
             for b in data_loader
@@ -551,4 +570,3 @@ class AsdlHessian(_AsdlBase, HessianInterface):
             keep = vals > 1e-6
             vals, vecs = vals[keep], vecs[:, keep]
         return vecs, vals, loss.detach()
-

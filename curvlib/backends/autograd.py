@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from curvlib._call import Call
@@ -35,7 +34,9 @@ __all__ = ["AutogradGGN", "AutogradEF", "AutogradHessian", "CHUNK_ENTRIES"]
 CHUNK_ENTRIES = 2**25
 
 
-def layer_products(curv: CurvatureInterface, call: Call, structure: str, cotangents=None) -> tuple[Tensor, Tensor]:
+def layer_products(
+    curv: CurvatureInterface, call: Call, structure: str, cotangents=None
+) -> tuple[Tensor, Tensor]:
     """``(loss, result)``: the diagonal ``(P,)`` or the dense ``(P_s, P_s)`` from per-layer
     products, over batch chunks that keep ``(b, K, P)`` within :data:`CHUNK_ENTRIES`.
 
@@ -52,8 +53,8 @@ def layer_products(curv: CurvatureInterface, call: Call, structure: str, cotange
         inp, y, gen = slice_batch(call.inp, s), call.y[s], call.generator_slice(s)
         lp = LayerPass(curv._model, curv.params, cov)
         f = lp.run(
-            lambda: call.forward(inp, y),
-            lambda f: cot_fn(call, f, y, gen),
+            lambda inp=inp, y=y: call.forward(inp, y),
+            lambda f, y=y, gen=gen: cot_fn(call, f, y, gen),
             curv._generic_products_for(inp),
         )
         if structure == "diag":

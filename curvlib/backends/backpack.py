@@ -154,7 +154,9 @@ class _BackPack:
     def _owners(self) -> list[nn.Module]:
         selected = {id(p) for p in self.params}
         return [
-            m for m in self._model.modules() if any(id(p) in selected for p in m.parameters(recurse=False))
+            m
+            for m in self._model.modules()
+            if any(id(p) in selected for p in m.parameters(recurse=False))
         ]
 
     def _leaves(self) -> list[nn.Module]:

@@ -78,7 +78,9 @@ def _pull_back(f: Tensor, outs: list[Tensor], cot: Tensor, per_column: bool) -> 
             # one backward pass per column: vmap has no batching rule for
             # convolution_backward and falls back to a slow loop
             cols = [
-                torch.autograd.grad(f, targets, cot[:, k], retain_graph=k < K - 1, allow_unused=True)
+                torch.autograd.grad(
+                    f, targets, cot[:, k], retain_graph=k < K - 1, allow_unused=True
+                )
                 for k in range(K)
             ]
             grads = []
@@ -95,7 +97,8 @@ def _pull_back(f: Tensor, outs: list[Tensor], cot: Tensor, per_column: bool) -> 
         for i, g in zip(live, grads, strict=True):
             result[i] = g
     return [
-        g if g is not None else o.new_zeros((K, *o.shape)) for g, o in zip(result, outs, strict=True)
+        g if g is not None else o.new_zeros((K, *o.shape))
+        for g, o in zip(result, outs, strict=True)
     ]
 
 

@@ -81,7 +81,7 @@ def coverage(root: nn.Module, params: Sequence[Tensor]) -> Coverage:
     sel = {id(p) for p in params}
     claims: dict[int, list[Claim]] = {}
     owners: dict[int, list[nn.Module]] = {}
-    for path, mod in root.named_modules(remove_duplicate=False):
+    for _, mod in root.named_modules(remove_duplicate=False):
         for _, p in mod.named_parameters(recurse=False):
             if id(p) in sel:
                 owners.setdefault(id(p), []).append(mod)
@@ -168,7 +168,9 @@ class LayerPass:
         names = self._by_module()
         for m, rule in self.cov.layers:
             sites = self.sites.get(id(m), [])
-            results[id(m)] = getattr(rule, method)(m, sites, *extra, names[id(m)]) if sites else None
+            results[id(m)] = (
+                getattr(rule, method)(m, sites, *extra, names[id(m)]) if sites else None
+            )
         return [None if c is None else (results[id(c.module)], c) for c in self.cov.claims]
 
     def _generic_split(self) -> dict[int, Tensor]:
@@ -186,7 +188,9 @@ class LayerPass:
         B, K = self._B_K()
         gen = self._generic_split()
         parts = []
-        for i, (res, p) in enumerate(zip(self._per_param("products"), self.cov.params, strict=True)):
+        for i, (res, p) in enumerate(
+            zip(self._per_param("products"), self.cov.params, strict=True)
+        ):
             if i in gen:
                 parts.append(gen[i])
             elif res is None or res[0] is None:  # a module that never ran: zero
@@ -230,7 +234,9 @@ def _zero_entry(p: Tensor, claim: Claim) -> list[Tensor]:
     dummy = _dummy_factors(rule, m, claim.name)
     if dummy is not None:
         return [p.new_zeros(s) for s in dummy]
-    return [p.new_zeros(p.numel()) if p.numel() > DENSE_BLOCK_MAX else p.new_zeros(p.numel(), p.numel())]
+    return [
+        p.new_zeros(p.numel()) if p.numel() > DENSE_BLOCK_MAX else p.new_zeros(p.numel(), p.numel())
+    ]
 
 
 def _dummy_factors(rule: KFACRule, m: nn.Module, name: str) -> list[tuple[int, ...]] | None:

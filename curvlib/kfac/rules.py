@@ -108,9 +108,7 @@ class KFACRule:
 
     def params(self, module: nn.Module) -> dict[str, Tensor]:
         """The parameters covered, by name relative to ``module``."""
-        return {
-            n: p for n, p in module.named_parameters(recurse=False) if n in self.names
-        }
+        return {n: p for n, p in module.named_parameters(recurse=False) if n in self.names}
 
     def problem(self, module: nn.Module) -> str:
         """Why the rule cannot handle ``module`` (empty if it can)."""
@@ -192,7 +190,9 @@ class LinearLikeRule(KFACRule):
             G, A = self._squeeze(G), self._squeeze(A)
             out["weight"] = [G, A] if self.layout == "GA" else [A, G]
         if "bias" in names:
-            out["bias"] = [self._squeeze(self._G([self.bias_grads(module, s) for s in sites], approx))]
+            out["bias"] = [
+                self._squeeze(self._G([self.bias_grads(module, s) for s in sites], approx))
+            ]
         return out
 
     def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
@@ -307,7 +307,11 @@ class ConvRule(LinearLikeRule):
     def grads(self, module: nn.Module, site: Site) -> Tensor:
         g = site.g  # (K, B, out, *spatial)
         K, B, out = g.shape[:3]
-        return g.reshape(K, B, out, -1).transpose(2, 3).reshape(K, B, -1, module.groups, out // module.groups)
+        return (
+            g.reshape(K, B, out, -1)
+            .transpose(2, 3)
+            .reshape(K, B, -1, module.groups, out // module.groups)
+        )
 
 
 class ConvTransposeRule(LinearLikeRule):
@@ -337,13 +341,19 @@ class ConvTransposeRule(LinearLikeRule):
         cols = unfold(g.flatten(0, 1), m.kernel_size, m.stride, m.padding, m.dilation)
         L = cols.shape[1]
         if L != math.prod(site.a.shape[2:]):
-            raise RuntimeError(f"ConvTranspose rule: {L} unfolded locations for input {tuple(site.a.shape)}")
+            raise RuntimeError(
+                f"ConvTranspose rule: {L} unfolded locations for input {tuple(site.a.shape)}"
+            )
         return cols.reshape(K, B, L, m.groups, -1)
 
     def bias_grads(self, module: nn.Module, site: Site) -> Tensor:
         g = site.g
         K, B, out = g.shape[:3]
-        return g.reshape(K, B, out, -1).transpose(2, 3).reshape(K, B, -1, module.groups, out // module.groups)
+        return (
+            g.reshape(K, B, out, -1)
+            .transpose(2, 3)
+            .reshape(K, B, -1, module.groups, out // module.groups)
+        )
 
 
 class EmbeddingRule(KFACRule):
@@ -482,7 +492,9 @@ _RULES: dict[type[nn.Module], KFACRule] = {}
 _LAZY: list[tuple[str, str, KFACRule]] = [("transformers.pytorch_utils", "Conv1D", HFConv1DRule())]
 
 
-def register_kfac_rule(module_type: type[nn.Module], rule: KFACRule, *, overwrite: bool = False) -> None:
+def register_kfac_rule(
+    module_type: type[nn.Module], rule: KFACRule, *, overwrite: bool = False
+) -> None:
     """Register ``rule`` for ``module_type`` (and its subclasses that keep its ``forward``).
 
     Parameters
@@ -509,7 +521,8 @@ def register_kfac_rule(module_type: type[nn.Module], rule: KFACRule, *, overwrit
         raise TypeError(f"rule must be a curvlib.kfac.rules.KFACRule, got {type(rule).__name__}")
     if module_type in _RULES and not overwrite:
         raise ValueError(
-            f"{module_type.__name__} has a K-FAC rule already ({type(_RULES[module_type]).__name__}); "
+            f"{module_type.__name__} has a K-FAC rule already "
+            f"({type(_RULES[module_type]).__name__}); "
             "pass overwrite=True to replace it"
         )
     _RULES[module_type] = rule
@@ -550,5 +563,10 @@ for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
 for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_kfac_rule(_t, ConvTransposeRule())
 register_kfac_rule(nn.Embedding, EmbeddingRule())
-for _t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm):
+for _t in (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+):
     register_kfac_rule(_t, NormRule())
