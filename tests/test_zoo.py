@@ -495,3 +495,9 @@ def test_resnet18_references_are_consistent():
     E[sel, torch.arange(3)] = 1
     cols = R.ggn_vp(model, x, y, case.likelihood, E, J=J)
     assert torch.allclose(cols[sel, torch.arange(3)], d[sel], rtol=TOL)
+
+
+def test_select_by_tag_and_density():
+    hf = {c.name for c in zoo.select("hf")}
+    assert {"bert_cls", "gpt2_lm", "gpt2_lora_cls"} <= hf and "gru_cls" not in hf
+    assert [c.name for c in zoo.select(dense=False)] == ["resnet18_cls"]

@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 DT = torch.float64
 IGNORE = -100
 
-__all__ = ["ZooCase", "ZOO", "ZOO_IDS", "get", "HFLogits", "IGNORE"]
+__all__ = ["ZooCase", "ZOO", "ZOO_IDS", "get", "select", "HFLogits", "IGNORE"]
 
 
 @dataclass(frozen=True)
@@ -713,3 +713,10 @@ _BY_NAME = {c.name: c for c in ZOO}
 def get(name: str) -> ZooCase:
     """The case called ``name``."""
     return _BY_NAME[name]
+
+
+def select(tag: str | None = None, dense: bool | None = None) -> list[ZooCase]:
+    """The cases with ``tag`` (e.g. ``"hf"``, ``"tokens"``, ``"conv"``) and/or ``dense``."""
+    return [
+        c for c in ZOO if (tag is None or tag in c.tags) and (dense is None or c.dense == dense)
+    ]

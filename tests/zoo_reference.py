@@ -343,6 +343,12 @@ def pseudo_targets(
 
     Classification: inverse-CDF draws from softmax(f) per position (ignored positions stay
     -100); regression: ``f + ε``, ε ~ N(0, I).
+
+    Measured, not by construction: for ``(B, C)`` outputs and the same CPU generator state,
+    these are the targets that curvlib's likelihoods draw (``torch.multinomial`` with
+    replacement is an inverse-CDF draw from ``torch.rand``; regression draws ``randn`` of
+    shape ``(B, S, C)``), so an MC Fisher can be compared exactly; otherwise compare
+    statistically (:func:`mc_fisher` is unbiased for :func:`ggn`).
     """
     B = f.shape[0]
     if likelihood == "regression":
