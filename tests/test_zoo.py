@@ -501,3 +501,27 @@ def test_select_by_tag_and_density():
     hf = {c.name for c in zoo.select("hf")}
     assert {"bert_cls", "gpt2_lm", "gpt2_lora_cls"} <= hf and "gru_cls" not in hf
     assert [c.name for c in zoo.select(dense=False)] == ["resnet18_cls"]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kfac_grouped_conv_one_location(approx):
+    """Grouped conv, one datum, one location: the bias block (all output channels) and each
+    group's weight block are exact; only the blocks between groups are dropped."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 6, 3, groups=2)
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)).double()
+        x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    y = torch.tensor([2])
+    G = R.ggn(model, x, y, "classification")
+    idx = R.param_index(model)
+    w, b = R.kfac(model, x, y, "classification", approx=approx, names=["0.weight", "0.bias"])
+    sl = idx["0.bias"]
+    assert R.rel_err(b.dense(), G[sl, sl]) < TOL
+    assert b.factors[0][0].shape == (6, 6)
+    exact_w = G[idx["0.weight"], idx["0.weight"]]
+    half = exact_w.shape[0] // 2
+    for g in range(2):
+        blk = slice(g * half, (g + 1) * half)
+        assert R.rel_err(w.dense()[blk, blk], exact_w[blk, blk]) < TOL
+    assert exact_w[:half, half:].abs().max() > 0  # what K-FAC drops is not zero
