@@ -357,7 +357,7 @@ def test_structure_template_matches_the_result(backend, curvature, structure):
     curv = backend_class(backend, curvature)(model, "classification")
     rule = STRUCTURES[structure]
     loss, result = rule.call(curv, X, Y, N_DATA, {})
-    tensors, layout = rule.pack(result, N_DATA)
+    tensors, layout = rule.pack(curv, result, N_DATA)
     shapes, template_layout = rule.template(curv)
     assert [tuple(t.shape) for t in tensors] == shapes and layout == template_layout
 

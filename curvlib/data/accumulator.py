@@ -137,7 +137,7 @@ class Accumulator:
         kw: dict[str, Any] = {} if generator is None else {"generator": generator}
         with unwrapped(self.curv) as c:
             loss, result = self.rule.call(c, x, y, B, kw)
-        tensors, layout = self.rule.pack(result, B)
+        tensors, layout = self.rule.pack(c, result, B)
         return loss.detach(), [t.detach() for t in tensors], layout
 
     def _check_finite(

@@ -9,7 +9,7 @@ name in :data:`STRUCTURES`:
 ``call(curv, x, y, B, kw) -> (loss, result)``
     How to call the curvature object on a batch of ``B`` data points (``kw`` holds the MC
     ``generator``).
-``pack(result, B) -> (summands, layout)``
+``pack(curv, result, B) -> (summands, layout)``
     The summands of one result and its *layout* (a tuple of ints that describes how the
     summands group into the result; ``()`` for a single tensor). Two results add only if
     their layouts and shapes agree.
@@ -29,15 +29,18 @@ name     summands                         finalized
 ``full`` :math:`\sum_n H_n` ``(P, P)``     the sum
 ``diag`` :math:`\sum_n h_n` ``(P,)``       the sum
 ``kron`` per weight :math:`G = \sum g g^\top`, :math:`\tilde A = \sum a a^\top`;
-         per bias :math:`G`                 :class:`~curvlib.Kron` with :math:`[G, \tilde A / N]`
+         per bias :math:`G`; exact blocks   :class:`~curvlib.Kron` with :math:`\tilde A / N`
 ======== ================================ ============================================
 
 For ``kron`` the backend is called as ``kron(x, y, N=B)``, which returns
 :math:`A = \frac1B \sum_{n \in \text{batch}} a a^\top` (the curvature objects require an
-integer :math:`N \ge B`), so ``pack`` multiplies the second factor of each two-factor entry
-by :math:`B` to get the plain sum :math:`\tilde A`; ``finalize`` divides by the global
-:math:`N` once. With weight sharing (``kfac_approx="expand"``) the backend's :math:`1/L`
-over the :math:`L` locations stays in :math:`\tilde A`.
+integer :math:`N \ge B`), so ``pack`` multiplies the factor that carries :math:`1/N` (the
+layer rule says which: the second of a Linear weight ``[G, A]``, the first of an
+Embedding's ``[A, G]``, none of an exact block) by :math:`B` to get the plain sum
+:math:`\tilde A`; ``finalize`` divides it by the global :math:`N` once. With weight sharing
+(``kfac_approx="expand"``) the backend's :math:`1/L` over the :math:`L` locations stays in
+:math:`\tilde A`. The layout holds ``(number of factors, index of the 1/N factor or -1)``
+per entry.
 
 Adding a structure (say EKFAC eigenvalue corrections or per-layer blocks) is one more
 entry in :data:`STRUCTURES` — and the curvature class listing the name in its
@@ -94,7 +97,7 @@ def _dense(name: str, ndim: int) -> StructureRule:
 
     return StructureRule(
         call=call,
-        pack=lambda H, B: ([H], ()),
+        pack=lambda curv, H, B: ([H], ()),
         template=template,
         finalize=lambda sums, layout, N: sums[0].clone(),
         labels=lambda layout, names: [f"{name!r} result"],
@@ -105,24 +108,38 @@ def _kron_call(curv: Any, x: Any, y: Tensor | None, B: int, kw: dict[str, Any]):
     return curv.kron(x, y, N=B, **kw)
 
 
-def _kron_pack(K: Kron, B: int) -> tuple[list[Tensor], Layout]:
+def _kron_specs(curv: Any) -> list[tuple[list[Shape], int | None]]:
+    from curvlib.kfac.compute import entry_specs
+
+    return entry_specs(curv.differentiated_module, curv.params)
+
+
+def _kron_pack(curv: Any, K: Kron, B: int) -> tuple[list[Tensor], Layout]:
     out: list[Tensor] = []
-    for F in K.kfacs:
-        out.extend(F if len(F) != 2 else (F[0], F[1] * B))  # A of the batch carries 1/B
-    return out, tuple(len(F) for F in K.kfacs)
+    layout: list[int] = []
+    for F, (_, a) in zip(K.kfacs, _kron_specs(curv), strict=True):
+        out.extend(f * B if j == a else f for j, f in enumerate(F))  # A carries 1/B
+        layout += [len(F), -1 if a is None else a]
+    return out, tuple(layout)
 
 
 def _kron_template(curv: Any) -> tuple[list[Shape], Layout]:
-    kfacs = Kron.init_from_model(list(curv.params), device="meta").kfacs
-    return [tuple(f.shape) for F in kfacs for f in F], tuple(len(F) for F in kfacs)
+    specs = _kron_specs(curv)
+    shapes = [tuple(s) for fs, _ in specs for s in fs]
+    layout = tuple(v for fs, a in specs for v in (len(fs), -1 if a is None else a))
+    return shapes, layout
+
+
+def _entries(layout: Layout) -> list[tuple[int, int]]:
+    return list(zip(layout[::2], layout[1::2], strict=True))
 
 
 def _kron_finalize(sums: list[Tensor], layout: Layout, N: int) -> Kron:
     kfacs, pos = [], 0
-    for k in layout:
+    for k, a in _entries(layout):
         F = [t.clone() for t in sums[pos : pos + k]]
-        if k == 2:
-            F[1] = F[1] / N
+        if a >= 0:
+            F[a] = F[a] / N
         kfacs.append(F)
         pos += k
     return Kron(kfacs)
@@ -130,9 +147,9 @@ def _kron_finalize(sums: list[Tensor], layout: Layout, N: int) -> Kron:
 
 def _kron_labels(layout: Layout, names: list[str]) -> list[str]:
     out = []
-    for i, k in enumerate(layout):
+    for i, (k, a) in enumerate(_entries(layout)):
         owner = f"entry {i}" + (f" ({names[i]!r})" if i < len(names) else "")
-        factors = ("G", "A")[:k] if k <= 2 else tuple(str(j) for j in range(k))
+        factors = [("A" if j == a else "G" if k == 2 else str(j)) for j in range(k)]
         out.extend(f"kron factor {f} of {owner}" for f in factors)
     return out
 

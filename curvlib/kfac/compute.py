@@ -25,9 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.kfac.capture import backprop_to_sites
-from curvlib.kfac.rules import DENSE_BLOCK_MAX, KFACRule, Site, rule_for
+from curvlib.kfac.rules import DENSE_BLOCK_MAX, KFACRule, Site, exact_block_entry, rule_for
 
-__all__ = ["Claim", "Coverage", "coverage", "LayerPass", "exact_block", "kron_entries"]
+__all__ = [
+    "Claim",
+    "Coverage",
+    "coverage",
+    "LayerPass",
+    "exact_block",
+    "entry_specs",
+    "kron_entries",
+]
 
 
 @dataclass(frozen=True)
@@ -230,45 +238,22 @@ class LayerPass:
 
 def _zero_entry(p: Tensor, claim: Claim) -> list[Tensor]:
     """Zero factors for a parameter whose module never ran, shaped like the rule's factors."""
-    rule, m = claim.rule, claim.module
-    dummy = _dummy_factors(rule, m, claim.name)
-    if dummy is not None:
-        return [p.new_zeros(s) for s in dummy]
+    shapes, _ = claim.rule.entry(claim.module, claim.name)
+    return [p.new_zeros(s) for s in shapes]
+
+
+def entry_specs(
+    root: nn.Module, params: Sequence[Tensor]
+) -> list[tuple[list[tuple[int, ...]], int | None]]:
+    """Per parameter, the factor shapes of its Kron entry and the index of the factor that
+    carries ``1/N`` (``None`` for exact blocks): what the rules return, without data."""
+    cov = coverage(root, params)
     return [
-        p.new_zeros(p.numel()) if p.numel() > DENSE_BLOCK_MAX else p.new_zeros(p.numel(), p.numel())
+        c.rule.entry(c.module, c.name) if c is not None else exact_block_entry(p.numel())
+        for p, c in zip(cov.params, cov.claims, strict=True)
     ]
-
-
-def _dummy_factors(rule: KFACRule, m: nn.Module, name: str) -> list[tuple[int, ...]] | None:
-    """Factor shapes of an entry from the parameter's shape and the rule's layout."""
-    from curvlib.kfac.rules import EmbeddingRule, LinearLikeRule
-
-    p = dict(rule.params(m))[name]
-    if isinstance(rule, EmbeddingRule):
-        return [(p.shape[0],), (p.shape[1], p.shape[1])]
-    if not isinstance(rule, LinearLikeRule):
-        return None
-    g = getattr(m, "groups", 1)
-    if p.ndim == 1:
-        o = p.shape[0] // g
-        return [(o, o)] if g == 1 else [(g, o, o)]
-    if rule.layout == "GA":
-        o, r = p.shape[0] // g, p[0].numel()
-    else:
-        r, o = p.shape[0] // g, p[0].numel()
-    sq = [(o, o), (r, r)] if rule.layout == "GA" else [(r, r), (o, o)]
-    return sq if g == 1 else [(g, *s) for s in sq]
 
 
 def kron_entries(root: nn.Module, params: Sequence[Tensor]) -> int:
     """The number of factor entries of the Kron of ``params`` (for the size estimate)."""
-    cov = coverage(root, params)
-    total = 0
-    for p, c in zip(cov.params, cov.claims, strict=True):
-        shapes = _dummy_factors(c.rule, c.module, c.name) if c is not None else None
-        if shapes is None:
-            n = p.numel()
-            total += n if n > DENSE_BLOCK_MAX else n * n
-        else:
-            total += sum(math.prod(s) for s in shapes)
-    return total
+    return sum(math.prod(s) for shapes, _ in entry_specs(root, params) for s in shapes)

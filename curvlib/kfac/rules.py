@@ -62,6 +62,7 @@ __all__ = [
     "rule_for",
     "kfac_rules",
     "unfold",
+    "exact_block_entry",
 ]
 
 #: Parameter tensors with at most this many entries get a dense exact block; larger ones
@@ -140,8 +141,21 @@ class KFACRule:
         r"""The diagonal :math:`\sum_{n,k} V_{n,k}^2` per name (``(numel,)``)."""
         return {n: v.pow(2).sum((0, 1)) for n, v in self.products(module, sites, names).items()}
 
+    def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
+        """``(factor shapes, index of the factor divided by N)`` of the parameter's entry.
+
+        The default is the exact block: ``[(n, n)]``, or ``[(n,)]`` above
+        :data:`DENSE_BLOCK_MAX` entries, with no factor divided by ``N``.
+        """
+        return exact_block_entry(dict(self.params(module))[name].numel())
+
 
 # -- linear maps ----------------------------------------------------------------------------
+def exact_block_entry(n: int) -> tuple[list[tuple[int, ...]], int | None]:
+    """The entry of an exact block of ``n`` parameters: dense or diagonal, no ``1/N``."""
+    return ([(n,)] if n > DENSE_BLOCK_MAX else [(n, n)]), None
+
+
 class LinearLikeRule(KFACRule):
     """A map linear in its weight applied at ``L`` locations (see the module docstring).
 
@@ -162,6 +176,20 @@ class LinearLikeRule(KFACRule):
     def bias_grads(self, module: nn.Module, site: Site) -> Tensor:
         """Cotangents ``(K, B, L, g, o_b)`` of the bias's output (default :meth:`grads`)."""
         return self.grads(module, site)
+
+    def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
+        p = dict(self.params(module))[name]
+        g = getattr(module, "groups", 1)
+        if name != "weight":  # a bias: [G] over its output
+            o = p.numel() // g
+            return ([(o, o)] if g == 1 else [(g, o, o)]), None
+        if self.layout == "GA":
+            o, r = p.shape[0] // g, p[0].numel()
+            shapes, a = [(o, o), (r, r)], 1
+        else:
+            r, o = p.shape[0] // g, p[0].numel()
+            shapes, a = [(r, r), (o, o)], 0
+        return (shapes if g == 1 else [(g, *s) for s in shapes]), a
 
     @staticmethod
     def _squeeze(t: Tensor) -> Tensor:
@@ -410,6 +438,10 @@ class EmbeddingRule(KFACRule):
                 A.scatter_add_(0, idx.flatten(), keep.flatten().to(ref.dtype))
             A = A / (N * L)
         return {"weight": [A, G]}
+
+    def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
+        V, D = module.weight.shape
+        return [(V,), (D, D)], 0
 
     def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
         V = module.num_embeddings
