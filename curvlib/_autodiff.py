@@ -70,6 +70,17 @@ def _transform_limit(err: BaseException) -> bool:
     return last is not None and os.path.abspath(last).startswith(torch_dir)
 
 
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch's first forward-mode call scripts its decompositions with the deprecated
+    ``torch.jit.script``, which warns: not the user's concern."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
+
+
 def mode_of(model: nn.Module) -> dict[str, str]:
     """The derivative paths found to work for ``model`` (cached; see the module docstring)."""
     return _MODES.setdefault(model, {})
@@ -228,7 +239,8 @@ def jvp(
     modes = mode_of(model_key)
     if modes.get("jvp", "forward") == "forward":
         try:
-            return torch.func.jvp(lambda *ps: fn(ps), tuple(values), tuple(tangents))[1]
+            with _quiet_jit():
+                return torch.func.jvp(lambda *ps: fn(ps), tuple(values), tuple(tangents))[1]
         except _FAILURES as err:
             if not _transform_limit(err):
                 raise
@@ -271,7 +283,8 @@ def hvp(
                 out = torch.func.jvp(grad_fn, tuple(values), tuple(unflat(v)))[1]
                 return torch.cat([o.reshape(-1) for o in out])
 
-            return torch.func.vmap(one)(V)
+            with _quiet_jit():
+                return torch.func.vmap(one)(V)
         except _FAILURES as err:
             if not _transform_limit(err):
                 raise

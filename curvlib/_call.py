@@ -51,6 +51,8 @@ class Call:
     enable_backprop : bool
     idx : Tensor or None
         The subnetwork indices.
+    options : dict
+        The entry point's own per-call options (``basis`` of ``ekfac``, ``k`` of ``lowrank``).
     """
 
     curv: Any
@@ -68,6 +70,7 @@ class Call:
     enable_backprop: bool = False
     idx: Tensor | None = None
     C: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     after_forward: list[Callable[[Call, Tensor], None]] = field(default_factory=list)
     _forwarded: bool = False
 

@@ -61,6 +61,7 @@ MODELS: dict[str, Callable[[Sizes], int | None]] = {
     "BCP": _needs_C(lambda s: s.B * s.C * s.P),
     "BP": lambda s: s.B * s.P,
     "kron": lambda s: s.kron_entries,
+    "lowrank": lambda s: 64 * s.P,
     "layer_blocks": lambda s: s.layer_blocks,
 }
 

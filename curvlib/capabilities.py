@@ -4,16 +4,16 @@ One row per ``(backend, curvature)`` and entry point (``full``, ``diag``, ``kron
 ``operator``, ``jacobians``, ``gradients``), each a :class:`Capability`. Everything that
 asks "can this backend do this?" reads this table and nothing else:
 
-* the call-time check of every public method (:meth:`Table.check`, before any work);
-* :func:`curvlib.supports` (per parameter, :func:`report`), :func:`curvlib.available`,
+* the call-time check of every public method (:mod:`curvlib._checks`, before any work);
+* :func:`curvlib.supports` (per parameter), :func:`curvlib.available`,
   ``curvlib info``, the size estimate before dense work (:mod:`curvlib._memory`);
 * the tests' expected refusals.
 
 A research backend registers its rows with :func:`curvlib.register_backend`
 (``capabilities=``); the built-in rows are :data:`BUILTIN`.
 
-Module checks
--------------
+Module checks (:mod:`curvlib._checks`)
+---------------------------------------
 For a structure with ``modules=None`` the backend handles any differentiable module. Otherwise
 every module that owns a selected parameter (with ``leaves=True``: every leaf module, since
 the library propagates quantities module by module) must be an instance of one of
@@ -24,17 +24,17 @@ row's ``constraints`` may veto a module with a reason. With ``shared_parameters=
 a parameter owned by several modules (tied weights) or a module registered under several
 names is refused, and, after the forward pass, so is a module called more than once;
 ``chain=True`` also requires the forward pass to be a chain of modules (each module's input
-is the previous module's output). Those two need the model's forward pass: :meth:`Table.check`
-runs them where the backend runs its forward, :func:`report` when given an input.
+is the previous module's output). Those two need the model's forward pass: the call runs them
+where the backend runs its forward, :func:`curvlib.supports` when given an input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = [
     "STRUCTURES",
@@ -46,12 +46,10 @@ __all__ = [
     "TABLE",
     "row",
     "register_rows",
-    "static_problems",
-    "dynamic_problems",
 ]
 
 #: The curvature structures (the public methods returning ``(loss, curvature)``).
-STRUCTURES: tuple[str, ...] = ("full", "diag", "kron")
+STRUCTURES: tuple[str, ...] = ("full", "diag", "kron", "ekfac", "blocks", "lowrank")
 #: Every entry point the table describes.
 ENTRY_POINTS: tuple[str, ...] = (*STRUCTURES, "operator", "jacobians", "gradients")
 
@@ -424,13 +422,43 @@ def _asdl(curvature: str) -> dict[str, Capability]:
     return rows
 
 
+def _beyond_kfac(rows: dict[str, Capability], own: bool) -> dict[str, Capability]:
+    """EKFAC, per-layer blocks and low rank from a backend's rows (``own``: the backend is
+    curvlib's own autograd backend, whose machinery the shared implementations are)."""
+    impl = "native" if own else "shared"
+    if "kron" in rows:
+        rows["ekfac"] = replace(
+            rows["kron"],
+            impl=impl,
+            note="eigenbases of this backend's K-FAC; eigenvalues from curvlib's per-layer "
+            "per-sample products",
+        )
+    if "full" in rows and rows["full"].impl == "native" and rows["full"].memory != "P2+BCP":
+        rows["blocks"] = replace(
+            rows["full"], memory="layer_blocks", note="the exact block of every layer"
+        )
+    elif "full" in rows:  # from the backend's Jacobians
+        rows["blocks"] = replace(rows["full"], memory="BCP", note="from this backend's Jacobians")
+    else:  # the Hessian by curvlib's Hessian-vector products
+        rows["blocks"] = Capability(
+            impl="shared", memory="layer_blocks", note="Hessian-vector products per layer"
+        )
+    rows["lowrank"] = Capability(
+        impl=impl,
+        exact=False,
+        memory="lowrank",
+        note="Lanczos on curvlib's operator; remainder from curvlib's diagonal",
+    )
+    return rows
+
+
 def _builtin() -> dict[tuple[str, str], dict[str, Capability]]:
     table = {}
     for curvature in ("ggn", "fisher", "ef", "hessian"):
-        table["autograd", curvature] = _autograd(curvature)
-        table["auto", curvature] = _autograd(curvature)
-        table["backpack", curvature] = _backpack(curvature)
-        table["asdl", curvature] = _asdl(curvature)
+        table["autograd", curvature] = _beyond_kfac(_autograd(curvature), True)
+        table["auto", curvature] = _beyond_kfac(_autograd(curvature), True)
+        table["backpack", curvature] = _beyond_kfac(_backpack(curvature), False)
+        table["asdl", curvature] = _beyond_kfac(_asdl(curvature), False)
     return table
 
 
@@ -458,166 +486,3 @@ def register_rows(backend: str, curvature: str, rows: Mapping[str, Capability]) 
 def row(backend: str, curvature: str) -> Mapping[str, Capability]:
     """The capabilities of ``backend`` for ``curvature`` (empty if none are registered)."""
     return TABLE.get((backend, curvature), {})
-
-
-# -- checks --------------------------------------------------------------------------------
-def _owners(root: nn.Module, selected: set[int]) -> dict[int, list[tuple[str, nn.Module]]]:
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for path, mod in root.named_modules(remove_duplicate=False):
-        for _, p in mod.named_parameters(recurse=False):
-            if id(p) in selected:
-                owners.setdefault(id(p), []).append((path, mod))
-    return owners
-
-
-def static_problems(
-    cap: Capability,
-    root: nn.Module,
-    params: Iterable[Tensor],
-    covered_by_rules: Callable[[nn.Module], bool] | None = None,
-) -> list[Problem]:
-    """Everything the row refuses on this model that is visible without running it.
-
-    Parameters
-    ----------
-    cap : Capability
-    root : nn.Module
-        The differentiated module (the model, or its last layer).
-    params : iterable of Tensor
-        The selected parameters.
-    covered_by_rules : callable, optional
-        ``module -> bool``: whether curvlib's K-FAC rule table covers a parameter owner
-        (used with ``cap.rules``).
-    """
-    selected = {id(p) for p in params}
-    problems: list[Problem] = []
-    if not cap.shared_parameters:
-        for paths in _owners(root, selected).values():
-            if len({id(m) for _, m in paths}) > 1 or len(paths) > 1:
-                names = [p or "<root>" for p, _ in paths]
-                problems.append(
-                    Problem(
-                        paths[0][0],
-                        paths[0][1],
-                        f"a parameter is shared by several modules {names} (tied weights); "
-                        "the library keeps one result per parameter and module call",
-                        kind="shared",
-                    )
-                )
-                break
-    for path, mod in root.named_modules():
-        owns = any(id(p) in selected for p in mod.parameters(recurse=False))
-        leaf = not list(mod.children())
-        relevant = owns or (cap.leaves and leaf)
-        if not relevant:
-            continue
-        reason = cap.refusal(mod, owns)
-        if reason and cap.rules and owns and covered_by_rules is not None and covered_by_rules(mod):
-            continue  # curvlib's K-FAC rule table computes it
-        if reason:
-            problems.append(Problem(path, mod, reason, "module" if cap.handles(mod) else "type"))
-    return problems
-
-
-@dataclass
-class Record:
-    """One recorded module call of a forward pass (for the dynamic checks)."""
-
-    order: int
-    inp: Any
-    out: Any
-
-
-@dataclass
-class Records:
-    """The module calls of one forward pass, by module id."""
-
-    calls: dict[int, list[Record]] = field(default_factory=dict)
-    counter: int = 0
-
-    def hook(self, mod: nn.Module, args: tuple, out: Any) -> None:
-        """A forward hook recording the call (first positional input and the output)."""
-        self.calls.setdefault(id(mod), []).append(
-            Record(self.counter, args[0] if args else None, out)
-        )
-        self.counter += 1
-
-
-def _key(t: Tensor) -> tuple:
-    """What identifies a tensor passed from one module to the next (storage, shape, stride)."""
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
-
-
-def dynamic_problems(
-    cap: Capability,
-    root: nn.Module,
-    params: Iterable[Tensor],
-    records: Records,
-    f: Tensor,
-) -> list[Problem]:
-    """What the row refuses about the forward pass just recorded (call counts, chain).
-
-    ``records`` holds the calls of the relevant modules (the parameter owners; every leaf
-    with ``cap.leaves``), ``f`` the model output (with its graph for the chain check).
-    """
-    if cap.shared_parameters and not cap.chain:
-        return []
-    selected = {id(p) for p in params}
-    mods = [
-        (path, m)
-        for path, m in root.named_modules()
-        if (cap.leaves and not list(m.children()))
-        or any(id(p) in selected for p in m.parameters(recurse=False))
-    ]
-    for path, m in mods:
-        n = len(records.calls.get(id(m), []))
-        if n > 1:
-            return [
-                Problem(
-                    path,
-                    m,
-                    f"it ran {n} times in one forward pass; the library keeps one call per module",
-                    kind="shared",
-                )
-            ]
-    if not cap.chain:
-        return []
-    leaves = [(path, m) for path, m in mods if not list(m.children())]
-    names = {id(m): (path, m) for path, m in leaves}
-    producers: dict[tuple, list[tuple[int, int]]] = {}
-    for mid, calls in records.calls.items():
-        out = calls[0].out
-        if mid in names and isinstance(out, Tensor):
-            producers.setdefault(_key(out), []).append((calls[0].order, mid))
-    visited: set[int] = set()
-    cur, before, consumer = f, records.counter, None
-    while isinstance(cur, Tensor) and cur.requires_grad:
-        cands = [(o, mid) for o, mid in producers.get(_key(cur), []) if o < before]
-        if not cands:
-            path, mod = names[consumer] if consumer is not None else ("", root)
-            where = "its input" if consumer is not None else "the model output"
-            return [
-                Problem(
-                    path,
-                    mod,
-                    f"{where} comes from a functional operation, not from a module; the "
-                    "library needs the forward pass to be a chain of modules",
-                )
-            ]
-        before, consumer = max(cands)
-        visited.add(consumer)
-        cur = records.calls[consumer][0].inp
-    for mid, calls in records.calls.items():
-        out = calls[0].out
-        if mid in names and mid not in visited and isinstance(out, Tensor) and out.requires_grad:
-            path, mod = names[mid]
-            return [
-                Problem(
-                    path,
-                    mod,
-                    "its output does not reach the model output through a chain of modules "
-                    "(branching or a functional operation); the library needs the forward "
-                    "pass to be a chain of modules",
-                )
-            ]
-    return []

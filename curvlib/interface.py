@@ -33,22 +33,16 @@ from torch import Tensor, nn
 
 from curvlib import _autodiff, _inputs, _memory, _selection
 from curvlib._call import Call
+from curvlib._checks import CapabilityChecks
 from curvlib._hygiene import differentiable_kernels, preserved_model
-from curvlib.capabilities import (
-    STRUCTURES,
-    Capability,
-    Problem,
-    dynamic_problems,
-    row,
-    static_problems,
+from curvlib._options import (
+    KFAC_APPROX,
+    OPERATOR_OPTIONS,
+    SHARED_JACOBIANS,
+    check_call_options,
 )
-from curvlib.errors import (
-    CapabilityError,
-    InputError,
-    NonFiniteError,
-    SharedParameterError,
-    UnsupportedModuleError,
-)
+from curvlib.capabilities import STRUCTURES, Capability
+from curvlib.errors import CapabilityError, InputError
 from curvlib.likelihood import Likelihood, get_likelihood
 
 __all__ = [
@@ -61,52 +55,11 @@ __all__ = [
     "preserved_model",
 ]
 
-KFAC_APPROX = ("expand", "reduce")
 
-#: per entry point, the keywords a call accepts besides ``x``, ``y`` and ``N``
-CALL_OPTIONS: Mapping[str, tuple[str, ...]] = {
-    "full": ("generator", "num_samples", "mc_samples", "kfac_approx"),
-    "diag": ("generator", "num_samples", "mc_samples", "kfac_approx"),
-    "kron": ("generator", "num_samples", "mc_samples", "kfac_approx"),
-    "jacobians": ("enable_backprop",),
-    "gradients": (),
-    "operator": (),
-}
-#: the options of :meth:`CurvatureInterface.operator`
-OPERATOR_OPTIONS = (
-    "data",
-    "num_curv_samples",
-    "num_total_samples",
-    "generator",
-    "progress",
-    "create_graph",
-    "chunk_size",
-)
-#: the row of curvlib's shared torch.func Jacobians (``functorch_jacobians``)
-SHARED_JACOBIANS = Capability(
-    impl="shared", memory="BCP", differentiable=True, note="torch.func vjp"
-)
-_CONSTRUCTOR = (
-    "model",
-    "likelihood",
-    "last_layer",
-    "subnetwork_indices",
-    "dict_key_x",
-    "dict_key_y",
-)
+_OWN_OPTIONS = ("basis", "k", "remainder", "num_iters", "seed")
 
 
-class _Structures:
-    """``cls.structures`` / ``obj.structures``: the structures in the capability table."""
-
-    def __get__(self, obj: Any, cls: type) -> tuple[str, ...]:
-        if obj is None:
-            key = "fisher" if getattr(cls, "_stochastic_default", False) else None
-            return cls.structures_of(key)
-        return cls.structures_of(obj.curvature_key())
-
-
-class CurvatureInterface:
+class CurvatureInterface(CapabilityChecks):
     """Curvature of ``factor * lossfunc`` of a model w.r.t. its selected parameters.
 
     Parameters
@@ -213,26 +166,6 @@ class CurvatureInterface:
         """The capability-table key: ``fisher`` for a stochastic GGN."""
         return "fisher" if getattr(self, "stochastic", False) else self.curvature_name()
 
-    @classmethod
-    def capability_row(cls, curvature: str | None = None) -> Mapping[str, Capability]:
-        """This backend's rows of the capability table (:mod:`curvlib.capabilities`)."""
-        return row(cls.backend_name, curvature or cls.curvature_name())
-
-    @classmethod
-    def structures_of(cls, curvature: str | None = None) -> tuple[str, ...]:
-        """The structures this class computes, from the capability table."""
-        rows = cls.capability_row(curvature)
-        return tuple(s for s in STRUCTURES if s in rows)
-
-    structures = _Structures()
-
-    def capability(self, what: str) -> Capability:
-        """The row for ``what``; :class:`CapabilityError` if the backend lacks it."""
-        rows = self.capability_row(self.curvature_key())
-        if what not in rows:
-            raise self._unsupported(what)
-        return rows[what]
-
     # -- parameter selection ------------------------------------------------------------
     @property
     def _model(self) -> nn.Module:
@@ -267,32 +200,7 @@ class CurvatureInterface:
     # -- the template -------------------------------------------------------------------
     def _options(self, what: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Step 1: the per-call keywords, resolved against the construction options."""
-        accepted = CALL_OPTIONS[what]
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}.{what}() got unexpected keyword(s) {unknown}; accepted: "
-                f"{sorted((('x', 'y', 'N') if what in STRUCTURES else ('x',)) + accepted)}"
-            )
-        opts = dict(kwargs)
-        if "mc_samples" in opts:
-            if "num_samples" in opts:
-                raise TypeError("pass num_samples or mc_samples (the same option), not both")
-            opts["num_samples"] = opts.pop("mc_samples")
-        if "num_samples" in opts:
-            opts["num_samples"] = _inputs.check_positive_int("num_samples", opts["num_samples"])
-        if opts.get("kfac_approx", "expand") not in KFAC_APPROX:
-            raise InputError(
-                f"kfac_approx must be one of {KFAC_APPROX}, got {opts['kfac_approx']!r}"
-            )
-        gen = opts.get("generator")
-        if gen is not None and not isinstance(gen, torch.Generator):
-            if not (isinstance(gen, Sequence) and all(isinstance(g, torch.Generator) for g in gen)):
-                raise InputError(
-                    "generator must be a torch.Generator (or one per data point), got "
-                    f"{type(gen).__name__}"
-                )
-        return opts
+        return check_call_options(type(self).__name__, what, kwargs)
 
     def _begin(
         self,
@@ -340,130 +248,12 @@ class CurvatureInterface:
             kfac_approx=opts.get("kfac_approx", self.kfac_approx),
             enable_backprop=bool(opts.get("enable_backprop", False)),
             idx=idx,
+            options={k: v for k, v in opts.items() if k in _OWN_OPTIONS},
         )
         self._check_capability(call, x)
         self._check_memory(call, None)
         call.after_forward.append(lambda c, f: self._check_memory(c, f))
         return call
-
-    def _check_capability(self, call: Call, x: Any) -> None:
-        """Step 3: the call-level and module-level checks of the capability row."""
-        cap, what = call.cap, call.what
-        name = self.curvature_key()
-        if self.likelihood not in cap.likelihoods:
-            raise CapabilityError(
-                f"backend {self.backend_name!r} computes {what!r} of {name!r} only for the "
-                f"likelihoods {list(cap.likelihoods)}, got {self.likelihood!r}"
-            )
-        if isinstance(x, Mapping) and not cap.dict_inputs:
-            raise CapabilityError(
-                f"backend {self.backend_name!r} does not support dict inputs for {what!r} "
-                f"({cap.note}); backends that do: {self._others(what, dict_inputs=True)}"
-            )
-        if what == "kron":
-            if call.idx is not None:
-                raise CapabilityError(
-                    "the kron structure does not support subnetwork_indices; use diag or full"
-                )
-            if call.kfac_approx not in cap.kfac_approx:
-                raise CapabilityError(
-                    f"backend {self.backend_name!r} computes only the {list(cap.kfac_approx)} "
-                    f"K-FAC, not kfac_approx={call.kfac_approx!r}; backends that do: "
-                    f"{self._others('kron', kfac=call.kfac_approx)}"
-                )
-        if call.enable_backprop and not cap.differentiable:
-            raise CapabilityError(
-                f"backend {self.backend_name!r} computes Jacobians that are not differentiable "
-                f"({cap.note}); for enable_backprop=True use functorch_jacobians or backend "
-                "'autograd'"
-            )
-        problems = self.problems(what, cap)
-        if problems:
-            raise self._problem_error(problems[0], what)
-
-    def problems(self, what: str, cap: Capability | None = None) -> list[Problem]:
-        """Everything the capability row of ``what`` refuses on the model (static checks)."""
-        from curvlib.kfac import rule_for
-
-        cap = self.capability(what) if cap is None else cap
-
-        def by_rules(m: nn.Module) -> bool:
-            rule = rule_for(m)
-            return rule is not None and not rule.problem(m)
-
-        return static_problems(cap, self._model, self.params, by_rules)
-
-    def _dynamic_check(self, call: Call, records: Any, f: Tensor) -> None:
-        """The checks of the row that need the forward pass just recorded."""
-        problems = dynamic_problems(call.cap, self._model, self.params, records, f)
-        if problems:
-            raise self._problem_error(problems[0], call.what)
-
-    def _problem_error(self, p: Problem, what: str) -> Exception:
-        names = []
-        if p.module is not None:
-            names = [n for n, q in p.module.named_parameters(recurse=False) if q.requires_grad]
-        cls = SharedParameterError if p.kind == "shared" else UnsupportedModuleError
-        return cls(
-            f"backend {self.backend_name!r} cannot compute the {what!r} structure of "
-            f"{self.curvature_key()!r} for {p.where()}"
-            + (f" ({p.reason})" if p.kind != "type" else "")
-            + (f" with parameters {names}" if names else "")
-            + f"; backends that support it: {self._others(what, model=True) or 'none'}"
-            + (" (or freeze its parameters / use last_layer=True)" if names else "")
-        )
-
-    def _others(
-        self, what: str, model: bool = False, dict_inputs: bool = False, kfac: str | None = None
-    ) -> list[str]:
-        """Other backends whose row for ``what`` accepts this call (static checks only)."""
-        from curvlib.backends import registry
-
-        out = []
-        for name in registry():
-            if name == self.backend_name:
-                continue
-            cap = row(name, self.curvature_key()).get(what)
-            if cap is None or (dict_inputs and not cap.dict_inputs):
-                continue
-            if kfac is not None and kfac not in cap.kfac_approx:
-                continue
-            if model:
-                from curvlib.kfac import rule_for
-
-                if static_problems(
-                    cap, self._model, self.params, lambda m: rule_for(m) is not None
-                ):
-                    continue
-            out.append(name)
-        return out
-
-    def _sizes(self, call: Call, f: Tensor | None) -> _memory.Sizes:
-        from curvlib.kfac.compute import kron_entries
-
-        P = self.num_params
-        return _memory.Sizes(
-            P=P,
-            P_s=P if call.idx is None else int(call.idx.numel()),
-            B=call.B,
-            C=None if f is None else int(f[0].numel()),
-            kron_entries=kron_entries(self._model, self.params) if call.cap.memory == "kron" else 0,
-            layer_blocks=_layer_blocks(self._model, self.params)
-            if call.cap.memory == "layer_blocks"
-            else 0,
-        )
-
-    def _check_memory(self, call: Call, f: Tensor | None) -> None:
-        """Step 4: the size estimate of the row's memory model against the limit."""
-        ref = self.params[0]
-        limit = _memory.limit_of(self.memory_limit, ref.device)
-        if limit[0] is None:
-            return
-        sizes = self._sizes(call, f)
-        alts = [(s, c.memory) for s, c in self.capability_row(self.curvature_key()).items()]
-        _memory.check(
-            call.what, call.cap.memory, sizes, ref.element_size(), limit, alts, self.curvature_key()
-        )
 
     @contextmanager
     def _hygiene(self, call: Call):
@@ -507,29 +297,6 @@ class CurvatureInterface:
                     f"{type(err).__name__}: {err}"
                 ) from err
         return phi if call.enable_backprop else phi.detach()
-
-    @staticmethod
-    def _finite(what: str, t: Tensor) -> None:
-        """Step 6: a NaN or infinity in a result is an error, never a silent return."""
-        if t.is_meta or bool(torch.isfinite(t).all()):
-            return
-        raise NonFiniteError(
-            f"the {what} contains NaN or infinite values although inputs, outputs and loss are "
-            "finite (an overflow inside the model or the curvature); compute in float64 or "
-            "rescale the model"
-        )
-
-    def _finish(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:
-        """Step 6: finiteness of loss and result, subnetwork selection, the reported loss."""
-        self._finite("loss", loss)
-        if call.what == "diag":
-            result = call.select(result)
-        if isinstance(result, Tensor):
-            self._finite(f"{call.what} {self.curvature_key()} result", result)
-        else:
-            for F_ in (f for fs in result.kfacs for f in fs):
-                self._finite("kron result", F_)
-        return loss.detach(), result
 
     # -- public API ---------------------------------------------------------------------
     def jacobians(
@@ -659,6 +426,59 @@ class CurvatureInterface:
         call = self._begin("kron", x, y, N, kwargs)
         return self._finish(call, *self._run(call, self._kron))
 
+    def ekfac(self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any):
+        r"""Eigenvalue-corrected K-FAC ``(loss, EKFAC)`` (George et al., NeurIPS 2018).
+
+        The eigenbases :math:`U_1, U_2` of this backend's K-FAC factors of every entry
+        (``kfac_approx`` applies) and the corrected eigenvalues
+        :math:`s = \sum_{n,k} (U_1^\top D_{n,k} U_2)^{\circ 2}`, :math:`D_{n,k}` the per-sample
+        product of the parameter (the gradient for the EF) reshaped like the entry: the
+        diagonal of the exact curvature block in the Kronecker eigenbasis
+        (:mod:`curvlib.structured`). For one datum and one column it is the exact block.
+
+        Parameters
+        ----------
+        x, y, N : as :meth:`kron`
+        **kwargs
+            As :meth:`kron`, and ``basis``: an :class:`~curvlib.EKFAC` or
+            :class:`~curvlib.KronDecomposed` whose eigenbases to use (then only the
+            eigenvalues of this batch are computed: summed over batches, they give the
+            data set's; :func:`curvlib.fit` does this in a second pass).
+        """
+        call = self._begin("ekfac", x, y, N, kwargs)
+        return self._finish(call, *self._run(call, self._ekfac))
+
+    def blocks(self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any):
+        r"""The exact curvature block of every layer ``(loss, BlockDiag)``.
+
+        A layer is a module owning selected parameters (its own, ``recurse=False``); its
+        block is :math:`C[I_l, I_l]` (``P_l × P_l``), built from that layer's per-sample
+        products only (for the Hessian, from Hessian-vector products in the layer's
+        directions), never the ``P × P`` matrix. Blocks are in parameter order and named by
+        the module path. Arguments as :meth:`full`.
+        """
+        call = self._begin("blocks", x, y, N, kwargs)
+        return self._finish(call, *self._run(call, self._blocks))
+
+    def lowrank(self, x: Any, y: Tensor | None = None, N: int | None = None, **kwargs: Any):
+        r"""The top-``k`` eigenpairs of the curvature plus a remainder ``(loss, LowRank)``.
+
+        Lanczos with full reorthogonalization (:func:`curvlib.lanczos`) on curvlib's
+        operator of the batch (every backend), :math:`C \approx U \Lambda U^\top + R`.
+
+        Parameters
+        ----------
+        x, y, N : the batch (``N`` checked only)
+        **kwargs
+            ``k`` (default 10, at most ``P``), ``remainder`` (``"diag"``: the exact diagonal
+            minus the low rank's, so that the diagonal is exact; ``"scalar"``: the remaining
+            trace spread over the ``P - k`` other directions; ``None``: zero; default
+            ``"diag"``), ``num_iters`` (Lanczos steps, default ``min(P, 2k + 20)``), ``seed``
+            (the start vector's, default 0), and the MC options of :meth:`full`.
+        """
+        call = self._begin("lowrank", x, y, N, kwargs)
+        return self._finish(call, *self._run(call, self._lowrank))
+
     def operator(self, x: Any = None, y: Tensor | None = None, **kwargs: Any):
         """Matrix-free curvature operator ``v -> C v`` on a batch, or over a DataLoader.
 
@@ -738,6 +558,37 @@ class CurvatureInterface:
         )
         return call.loss(f), Kron(lp.factors(call.N, call.kfac_approx))
 
+    def _ekfac(self, call: Call):
+        """The backend's K-FAC for the eigenbases, curvlib's per-layer products for ``s``."""
+        from curvlib.structured import ekfac_eigenvalues
+        from curvlib.structures import EKFAC, KronDecomposed
+
+        basis = call.options.get("basis")
+        if basis is None:
+            state = _generator_state(call.generator)
+            _, K = self._kron(call)
+            _set_generator_state(call.generator, state)  # the same MC draws for s
+            bases = K.decompose().eigenvectors
+        elif isinstance(basis, EKFAC):
+            bases = basis.eigenbases
+        elif isinstance(basis, KronDecomposed):
+            bases = basis.eigenvectors
+        else:
+            raise InputError(
+                f"basis must be an EKFAC or a KronDecomposed, got {type(basis).__name__}"
+            )
+        loss, s = ekfac_eigenvalues(self, call, bases)
+        return loss, EKFAC([list(b) for b in bases], s)
+
+    def _blocks(self, call: Call):
+        """Blocks from the per-sample products of the curvature (per curvature class)."""
+        raise self._unsupported("blocks")
+
+    def _lowrank(self, call: Call):
+        from curvlib.structured import lowrank
+
+        return lowrank(self, call)
+
     def _generic_products_for(self, inp: Any):
         """``(params, cot) -> (B, K, P_sub)`` by torch.func, for parameters without rules."""
 
@@ -746,156 +597,25 @@ class CurvatureInterface:
 
         return products
 
-    def _unsupported(self, structure: str) -> CapabilityError:
-        from curvlib.backends import backends_supporting
 
-        others = [
-            b
-            for b in backends_supporting(self.curvature_key(), structure)
-            if b != self.backend_name
-        ]
-        return CapabilityError(
-            f"backend {self.backend_name!r} cannot compute the {structure!r} structure of "
-            f"{self.curvature_key()!r}; backends that can: {others or 'none'}; structures "
-            f"{self.backend_name!r} offers for it: {list(self.structures)}"
-        )
+# the curvatures subclass the interface; importable from here as before
+from curvlib.curvatures import EFInterface, GGNInterface, HessianInterface  # noqa: E402
 
 
-def _layer_blocks(root: nn.Module, params: list[Tensor]) -> int:
-    """``sum_l P_l^2`` over the modules owning selected parameters (ASDL's Hessian diagonal)."""
-    sel = {id(p) for p in params}
-    total = 0
-    for m in root.modules():
-        n = sum(p.numel() for p in m.parameters(recurse=False) if id(p) in sel)
-        total += n * n
-    return total
+def _generator_state(generator: Any) -> Any:
+    """The state of the MC draws' generator(s), to draw the same samples twice."""
+    if generator is None:
+        return None
+    if isinstance(generator, Sequence):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
 
 
-class GGNInterface(CurvatureInterface):
-    r"""Generalized Gauss-Newton :math:`\sum_n J_n^\top \Lambda(f_n) J_n`, or with
-    ``stochastic=True`` the Monte-Carlo Fisher, which replaces :math:`\Lambda` by the mean of
-    :math:`\tilde g \tilde g^\top` over ``num_samples`` pseudo-targets drawn from the model's
-    predictive (unbiased for the GGN).
-
-    Parameters
-    ----------
-    stochastic : bool, default False
-        MC Fisher instead of the exact GGN.
-    num_samples : int, default 1
-        Number of MC samples per data point.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str | Likelihood,
-        last_layer: bool = False,
-        subnetwork_indices: Tensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        stochastic: bool = False,
-        num_samples: int = 1,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **options
-        )
-        self.stochastic = bool(stochastic)
-        self.num_samples = _inputs.check_positive_int("num_samples", num_samples)
-
-    @classmethod
-    def curvature_name(cls) -> str:
-        return "ggn"
-
-    def _cotangents(self, call: Call, f: Tensor, y: Tensor | None, generator: Any) -> Tensor:
-        if call.stochastic:
-            return self.lik.mc_cotangents(f, call.num_samples, generator, y)
-        return self.lik.sqrt_cotangents(f, y)
-
-    def _full(self, call: Call) -> tuple[Tensor, Tensor]:
-        r""":math:`\sum_n J_n^\top M_n J_n` from the backend's Jacobians."""
-        Js, f = self._jacobians(call)
-        cot = call.cotangents(f)
-        V = torch.einsum(
-            "bkc,bcp->bkp", cot.flatten(2), call.select(Js.reshape(Js.shape[0], -1, Js.shape[-1]))
-        )
-        V = V.flatten(0, 1)
-        return call.loss(f), V.T @ V
-
-    def _diag(self, call: Call) -> tuple[Tensor, Tensor]:
-        Js, f = self._jacobians(call)
-        cot = call.cotangents(f)
-        V = torch.einsum("bkc,bcp->bkp", cot.flatten(2), Js.reshape(Js.shape[0], -1, Js.shape[-1]))
-        return call.loss(f), V.pow(2).sum((0, 1))
-
-
-class EFInterface(CurvatureInterface):
-    r"""Empirical Fisher :math:`\sum_n g_n g_n^\top`, :math:`g_n` the gradient of data point
-    ``n``'s term of the reported loss ``factor * lossfunc`` (summed over its positions).
-
-    For classification this equals laplace-torch's EF. For regression it is **half** of what
-    laplace-torch's backends return (they square the gradient of the unscaled MSE and
-    multiply by 1/2 once); curvlib returns the consistent value, and the laplace-torch
-    adapter reproduces laplace-torch's numbers.
-    """
-
-    @classmethod
-    def curvature_name(cls) -> str:
-        return "ef"
-
-    def _cotangents(self, call: Call, f: Tensor, y: Tensor | None, generator: Any) -> Tensor:
-        return self.lik.ef_cotangents(f, y)
-
-    def _full(self, call: Call) -> tuple[Tensor, Tensor]:
-        G, loss = self._gradients(call)
-        G = call.select(G) * self.factor
-        return loss * self.factor, G.T @ G
-
-    def _diag(self, call: Call) -> tuple[Tensor, Tensor]:
-        G, loss = self._gradients(call)
-        return loss * self.factor, (G * self.factor).pow(2).sum(0)
-
-
-class HessianInterface(CurvatureInterface):
-    r"""Hessian :math:`\nabla^2_\theta` of the reported loss ``factor * lossfunc``.
-
-    The shared hooks build rows of the Hessian from Hessian-vector products (forward over
-    reverse, or double backward where an op lacks a forward derivative), a chunk of unit
-    vectors at a time: ``full`` stacks them, ``diag`` keeps one entry of each.
-    """
-
-    @classmethod
-    def curvature_name(cls) -> str:
-        return "hessian"
-
-    def _hessian_rows(self, call: Call, keep) -> tuple[Tensor, Tensor]:
-        f = call.forward(grad=False)
-        params = self.params
-        fn = _autodiff.functional(self._model, params)
-        values = [p.detach() for p in params]
-        P = sum(p.numel() for p in params)
-        ref = params[0]
-
-        def loss_fn(vals: Sequence[Tensor]) -> Tensor:
-            return self.lik.loss(fn(vals, call.inp), call.y)
-
-        rows_idx = torch.arange(P, device=ref.device) if call.idx is None else call.idx
-        chunk = max(1, 2**24 // max(1, P))
-        parts = []
-        for start in range(0, rows_idx.numel(), chunk):
-            sel = rows_idx[start : start + chunk]
-            E = torch.zeros(sel.numel(), P, dtype=ref.dtype, device=ref.device)
-            E[torch.arange(sel.numel()), sel] = 1
-            parts.append(keep(_autodiff.hvp(loss_fn, values, E, self.model), sel))
-        return call.loss(f), torch.cat(parts)
-
-    def _full(self, call: Call) -> tuple[Tensor, Tensor]:
-        loss, H = self._hessian_rows(call, lambda rows, sel: call.select(rows))
-        return loss, (H + H.T) / 2
-
-    def _diag(self, call: Call) -> tuple[Tensor, Tensor]:
-        loss, d = self._hessian_rows(call, lambda rows, sel: rows[torch.arange(sel.numel()), sel])
-        if call.idx is None:
-            return loss, d
-        # the template selects the subnetwork from the full-length diagonal
-        return loss, d.new_zeros(self.num_params).index_copy_(0, call.idx, d)
+def _set_generator_state(generator: Any, state: Any) -> None:
+    if generator is None:
+        return
+    if isinstance(generator, Sequence):
+        for g, st in zip(generator, state, strict=True):
+            g.set_state(st)
+    else:
+        generator.set_state(state)

@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from curvlib._checks import Records
 from curvlib.backends import backend_class, registry
-from curvlib.capabilities import ENTRY_POINTS, Records, row
+from curvlib.capabilities import ENTRY_POINTS, row
 from curvlib.errors import CurvlibError
 
 __all__ = ["available", "supports", "SupportReport"]

@@ -44,7 +44,14 @@ def test_info(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)  # only JSON on stdout
     assert set(info) == {"versions", "backends"}
-    assert info["backends"]["autograd"]["ggn"]["structures"] == ["full", "diag", "kron"]
+    assert info["backends"]["autograd"]["ggn"]["structures"] == [
+        "full",
+        "diag",
+        "kron",
+        "ekfac",
+        "blocks",
+        "lowrank",
+    ]
     assert torch.__version__.startswith(info["versions"]["torch"])
 
 

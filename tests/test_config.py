@@ -120,10 +120,10 @@ def test_available_lists_capabilities():
     table = curvlib.available()
     auto = table["autograd"]
     assert set(auto) == {"ggn", "fisher", "ef", "hessian"}
-    assert auto["ggn"]["structures"] == ["full", "diag", "kron"]
+    assert auto["ggn"]["structures"] == ["full", "diag", "kron", "ekfac", "blocks", "lowrank"]
     assert auto["ggn"]["entry_points"]["diag"]["modules"] == "any"
     assert auto["ggn"]["entry_points"]["kron"]["kfac_rules_for_other_layers"]
-    assert auto["hessian"]["structures"] == ["full", "diag"]
+    assert auto["hessian"]["structures"] == ["full", "diag", "blocks", "lowrank"]
     bp = table["backpack"]["ggn"]["entry_points"]
     assert "Linear" in bp["kron"]["modules"] and bp["kron"]["all_leaf_modules"]
     assert bp["operator"]["impl"] == "shared"

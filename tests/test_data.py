@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from cases import CASES
+from reference import LEGACY
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,7 +50,7 @@ def combos():
     for backend, curvatures in registry().items():
         for curvature in curvatures:
             cls = backend_class(backend, curvature)
-            for structure in cls.structures:
+            for structure in LEGACY(cls.structures):
                 combo = (backend, curvature, structure)
                 for case in MERGE_CASES:
                     if case == "cnn_cls" and structure != "kron" and curvature != "ggn":
@@ -358,7 +359,7 @@ def test_structure_template_matches_the_result(backend, curvature, structure):
     rule = STRUCTURES[structure]
     loss, result = rule.call(curv, X, Y, N_DATA, {})
     tensors, layout = rule.pack(curv, result, N_DATA)
-    shapes, template_layout = rule.template(curv)
+    shapes, template_layout = rule.template(curv, {})
     assert [tuple(t.shape) for t in tensors] == shapes and layout == template_layout
 
 

@@ -27,6 +27,7 @@ import reference as ref
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import LEGACY
 from torch import Tensor, nn
 
 from curvlib.backends import backend_class, registry
@@ -204,7 +205,7 @@ def check_problem(spec, likelihood, C, batch, seed) -> None:
     order = ["autograd"] + [b for b in CLASSES if b != "autograd"]
     for backend in order:
         for curvature, cls in CLASSES[backend].items():
-            whats = list(cls.structures) + (
+            whats = list(LEGACY(cls.structures)) + (
                 ["jacobians", "gradients"] if curvature == "ggn" else []
             )
             for what in whats:

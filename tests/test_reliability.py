@@ -19,6 +19,7 @@ import pytest
 import reference as ref
 import torch
 from cases import TiedModel
+from reference import LEGACY
 from torch import Tensor, nn
 
 from curvlib import functional as CF
@@ -45,7 +46,7 @@ def _jobs() -> list[tuple[str, str, str]]:
             except ImportError:  # an optional library that is absent: skipped below
                 jobs.append((backend, curvature, "full"))
                 continue
-            for what in (*cls.structures, "gradients"):
+            for what in (*LEGACY(cls.structures), "gradients"):
                 jobs.append((backend, curvature, what))
     return jobs
 

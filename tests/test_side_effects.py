@@ -18,6 +18,7 @@ import copy
 import pytest
 import reference as ref
 import torch
+from reference import LEGACY
 from torch import Tensor, nn
 
 from curvlib.backends import backend_class, registry
@@ -34,7 +35,7 @@ def _jobs() -> list[tuple[str, str, str]]:
                 cls = backend_class(backend, curvature)
             except ImportError:
                 continue
-            for what in cls.structures:
+            for what in LEGACY(cls.structures):
                 jobs.append((backend, curvature, what))
             jobs.append((backend, curvature, "gradients"))
             if curvature == "ggn":
@@ -185,7 +186,7 @@ def test_mc_without_generator_draws_from_global_rng_only():
             cls = backend_class(backend, "fisher")
         except (ImportError, ValueError):
             continue
-        for what in cls.structures:
+        for what in LEGACY(cls.structures):
             model = make_model()
             curv = cls(model, "classification")
             torch.manual_seed(123)

@@ -56,10 +56,16 @@ with warnings.catch_warnings():  # asdfghjkl 0.1a4 uses the deprecated torch.jit
     import asdl  # noqa: F401  (an absent asdfghjkl makes this backend unavailable at once)
 
 from curvlib._call import Call
+from curvlib._checks import Records
 from curvlib._hygiene import preserved_model
-from curvlib.capabilities import Records
 from curvlib.errors import CapabilityError, InputError
-from curvlib.interface import EFInterface, GGNInterface, HessianInterface
+from curvlib.interface import (
+    EFInterface,
+    GGNInterface,
+    HessianInterface,
+    _generator_state,
+    _set_generator_state,
+)
 from curvlib.kron import Kron
 
 __all__ = ["AsdlGGN", "AsdlEF", "AsdlHessian"]
@@ -225,7 +231,7 @@ class _AsdlFisher(_AsdlBase):
         """Run one Fisher maker on the batch; ``(f, read(model, attr), L per module)``."""
         from asdl.fisher import FisherConfig, get_fisher_maker
         from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
-        from asdl.matrices import FISHER_EMP, FISHER_EXACT
+        from asdl.matrices import FISHER_EMP, FISHER_EXACT, SHAPE_KRON
 
         ftype = FISHER_EMP if self.curvature_name() == "ef" else FISHER_EXACT
         inp, y, f0 = call.inp, call.y, None
@@ -253,7 +259,7 @@ class _AsdlFisher(_AsdlBase):
             ignore_modules=ignore,
             **_FISHER_ATTRS,
         )
-        shared = "keep" if call.what == "kron" else "raise"
+        shared = "keep" if shape == SHAPE_KRON else "raise"
         with self._session(), self._checked_forward(call, y, shared) as (model_fn, L):
             fm = get_fisher_maker(self._model, cfg)
             dummy = fm.setup_model_call(model_fn, inp)
@@ -380,24 +386,6 @@ class _AsdlFisher(_AsdlBase):
             f"kfac_approx='reduce' for {where}; backends that compute 'reduce': "
             f"{self._others('kron', kfac='reduce')}"
         )
-
-
-def _generator_state(generator: Any) -> Any:
-    if generator is None:
-        return None
-    if isinstance(generator, Sequence):
-        return [g.get_state() for g in generator]
-    return generator.get_state()
-
-
-def _set_generator_state(generator: Any, state: Any) -> None:
-    if generator is None:
-        return
-    if isinstance(generator, Sequence):
-        for g, st in zip(generator, state, strict=True):
-            g.set_state(st)
-    else:
-        generator.set_state(state)
 
 
 def _asdl_op(m: nn.Module) -> bool:

@@ -23,51 +23,10 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from curvlib._call import Call
-from curvlib._inputs import slice_batch
-from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface, HessianInterface
-from curvlib.kfac import LayerPass, coverage
+from curvlib.interface import EFInterface, GGNInterface, HessianInterface
+from curvlib.structured import blocks_from_products, layer_groups, layer_products, product_chunks
 
-__all__ = ["AutogradGGN", "AutogradEF", "AutogradHessian", "CHUNK_ENTRIES"]
-
-#: Upper bound on the entries of one per-sample product tensor ``(b, K, P)`` held at once;
-#: larger batches are processed in chunks.
-CHUNK_ENTRIES = 2**25
-
-
-def layer_products(
-    curv: CurvatureInterface, call: Call, structure: str, cotangents=None
-) -> tuple[Tensor, Tensor]:
-    """``(loss, result)``: the diagonal ``(P,)`` or the dense ``(P_s, P_s)`` from per-layer
-    products, over batch chunks that keep ``(b, K, P)`` within :data:`CHUNK_ENTRIES`.
-
-    ``cotangents(call, f, y, generator)`` defaults to the curvature's own.
-    """
-    cot_fn = cotangents or (lambda c, f, y, g: c.cotangents(f, y, g))
-    cov = coverage(curv._model, curv.params)
-    P, B = curv.num_params, call.B
-    light = structure == "diag" and not cov.generic
-    size = B if light else min(B, max(1, CHUNK_ENTRIES // (8 * P)))
-    start, loss, out = 0, 0.0, None
-    while start < B:
-        s = slice(start, min(B, start + size))
-        inp, y, gen = slice_batch(call.inp, s), call.y[s], call.generator_slice(s)
-        lp = LayerPass(curv._model, curv.params, cov)
-        f = lp.run(
-            lambda inp=inp, y=y: call.forward(inp, y),
-            lambda f, y=y, gen=gen: cot_fn(call, f, y, gen),
-            curv._generic_products_for(inp),
-        )
-        if structure == "diag":
-            part = lp.squares()
-        else:
-            V = call.select(lp.products()).flatten(0, 1)
-            part = V.T @ V
-        loss = loss + call.loss(f, y)
-        out = part if out is None else out + part
-        K = lp.cot.shape[1]
-        start = s.stop
-        size = B if light else max(1, CHUNK_ENTRIES // max(1, K * P))
-    return loss, out
+__all__ = ["AutogradGGN", "AutogradEF", "AutogradHessian"]
 
 
 class _AutogradProducts:
@@ -80,6 +39,11 @@ class _AutogradProducts:
 
     def _diag(self, call: Call) -> tuple[Tensor, Tensor]:
         return layer_products(self, call, "diag")
+
+    def _blocks(self, call: Call):
+        groups = layer_groups(self._model, self.params)
+        sizes = [p.numel() for p in self.params]
+        return blocks_from_products(product_chunks(self, call), groups, sizes)
 
 
 class AutogradGGN(_AutogradProducts, GGNInterface):
@@ -121,6 +85,9 @@ class AutogradHessian(_AutogradProducts, HessianInterface):
 
     def _full(self, call: Call) -> tuple[Tensor, Tensor]:
         return HessianInterface._full(self, call)
+
+    def _blocks(self, call: Call):
+        return HessianInterface._blocks(self, call)
 
     def _diag(self, call: Call) -> tuple[Tensor, Tensor]:
         r"""For a piecewise-linear chain (:meth:`diag_is_ggn_diag`) the diagonal of the Hessian

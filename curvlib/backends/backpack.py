@@ -71,8 +71,9 @@ from backpack.extensions.secondorder.hbp.linear import HBPLinear
 from torch import Tensor, nn
 
 from curvlib._call import Call
+from curvlib._checks import Records
 from curvlib._hygiene import preserved_model
-from curvlib.capabilities import BACKPACK_KRON_LAYERS, Records
+from curvlib.capabilities import BACKPACK_KRON_LAYERS
 from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface, HessianInterface
 from curvlib.kfac.rules import Site, rule_for
 from curvlib.kron import Kron
@@ -185,10 +186,14 @@ class _BackPack:
                     extend(mod)
                 yield records
             finally:
-                new = [h for h in CTX.hook_handles if all(h is not o for o in old_handles)]
+                # by identity, in linear time: other code (laplace-torch's BackPACK backends)
+                # leaves many handles in BackPACK's global list
+                old_ids = {id(h) for h in old_handles}
+                new = [h for h in CTX.hook_handles if id(h) not in old_ids]
                 for h in new:
                     h.remove()
-                CTX.hook_handles[:] = [h for h in CTX.hook_handles if all(h is not n for n in new)]
+                new_ids = {id(h) for h in new}
+                CTX.hook_handles[:] = [h for h in CTX.hook_handles if id(h) not in new_ids]
 
     def _collect(self, records: Records, field_name: str) -> list[Any]:
         """Pop ``field_name`` off each selected parameter (``None`` if its module never ran).

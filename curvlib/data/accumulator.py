@@ -58,6 +58,10 @@ class Accumulator:
         result is independent of batching, sharding and the number of ranks.
         ``"batch"``: one generator per batch, keyed by the batch's first global index;
         reproducible, but dependent on how the data are batched.
+    options : dict, optional
+        The structure's own options (:data:`curvlib.data.structures.STRUCTURES`): ``basis``
+        for ``"ekfac"`` (required: the eigenbases of the data set's K-FAC, see
+        :func:`curvlib.fit`), ``k``, ``sketch``, ``seed`` and ``remainder`` for ``"lowrank"``.
 
     Examples
     --------
@@ -76,6 +80,7 @@ class Accumulator:
         generator: torch.Generator | None = None,
         index_offset: int = 0,
         mc_keying: str = "sample",
+        options: dict[str, Any] | None = None,
     ) -> None:
         if mc_keying not in MC_KEYINGS:
             raise ValueError(f"mc_keying must be one of {MC_KEYINGS}, got {mc_keying!r}")
@@ -94,6 +99,7 @@ class Accumulator:
         self.curv = curv
         self.structure = structure
         self.rule = STRUCTURES[structure]
+        self.options = self.rule.check_options(curv, dict(options or {}))
         self.stochastic = bool(getattr(curv, "stochastic", False))
         if self.stochastic and seed is None:
             seed = draw_seed(generator)
@@ -118,7 +124,7 @@ class Accumulator:
             params = list(c.params)
             if not params:
                 raise InputError("the curvature has no selected parameters (requires_grad=True)")
-            shapes, layout = self.rule.template(c)
+            shapes, layout = self.rule.template(c, self.options)
         return shapes, layout, params[0].dtype, params[0].device
 
     def describe(self) -> list[tuple[str, str, str]]:
@@ -136,7 +142,7 @@ class Accumulator:
     def _call(self, x: Any, y: Tensor | None, B: int, generator: Any):
         kw: dict[str, Any] = {} if generator is None else {"generator": generator}
         with unwrapped(self.curv) as c:
-            loss, result = self.rule.call(c, x, y, B, kw)
+            loss, result = self.rule.call(c, x, y, B, {**kw, **self.options})
         tensors, layout = self.rule.pack(c, result, B)
         return loss.detach(), [t.detach() for t in tensors], layout
 
@@ -387,4 +393,6 @@ class Accumulator:
             raise NonFiniteError(
                 f"the accumulated {self.structure!r} curvature or loss contains NaN or inf"
             )
-        return self.loss.clone(), N, self.rule.finalize(self._tensors, self._layout, N)
+        with unwrapped(self.curv) as c:
+            result = self.rule.finalize(c, self._tensors, self._layout, N, self.options)
+        return self.loss.clone(), N, result

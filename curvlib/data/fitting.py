@@ -46,6 +46,7 @@ def fit(
     index_fn: Callable[[Any], Tensor | Sequence[int]] | None = None,
     mc_keying: str = "sample",
     status_interval: float | None = DEFAULT_INTERVAL,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Tensor, int, Tensor | Kron]:
     r"""Accumulate ``structure`` of ``curv`` over a data loader, optionally over all ranks.
 
@@ -92,6 +93,10 @@ def fit(
         With ``group``: seconds between two non-blocking status exchanges of a rank
         (:mod:`curvlib.data.rounds`), which bound how long the peers of a failing rank keep
         working; ``None`` exchanges the status only when the loops end.
+    options : dict, optional
+        The structure's own options (:class:`Accumulator`). ``"ekfac"`` without a ``basis``
+        runs two passes over the loader: the K-FAC of the whole data set (its
+        eigendecomposition is the basis), then the corrected eigenvalues in that basis.
 
     Returns
     -------
@@ -111,18 +116,38 @@ def fit(
         the handshake), a rank failed (its ``KeyboardInterrupt``/``SystemExit`` is re-raised
         on that rank itself), or the global count differs from ``num_data``.
     """
+    structure_options = dict(options or {})
+    if structure == "ekfac" and "basis" not in structure_options:
+        common = dict(
+            num_data=num_data,
+            group=group,
+            progress=progress,
+            batch_size_fn=batch_size_fn,
+            index_fn=index_fn,
+            mc_keying=mc_keying,
+            status_interval=status_interval,
+        )
+        seed = draw_seed(generator) if getattr(curv, "stochastic", False) else None
+        gens = [None if seed is None else torch.Generator().manual_seed(seed) for _ in range(2)]
+        _, _, K = fit(curv, loader, "kron", generator=gens[0], **common)
+        structure_options["basis"] = K.decompose()
+        return fit(curv, loader, "ekfac", generator=gens[1], options=structure_options, **common)
     pg = D.resolve_group(group)
     options = {"batch_size_fn": batch_size_fn, "index_fn": index_fn}
     if pg is None:
         seed = draw_seed(generator) if getattr(curv, "stochastic", False) else None
-        acc = Accumulator(curv, structure, seed=seed, mc_keying=mc_keying)
+        acc = Accumulator(
+            curv, structure, seed=seed, mc_keying=mc_keying, options=structure_options
+        )
         with _progress(loader, structure, progress) as bar:
             for batch in bar:
                 _update(acc, batch, **options)
         return acc.finalize(num_data)
     if status_interval is not None and not status_interval >= 0:
         raise ValueError(f"status_interval must be >= 0 seconds or None, got {status_interval!r}")
-    acc, num_data = _agree(curv, loader, structure, num_data, pg, generator, index_fn, mc_keying)
+    acc, num_data = _agree(
+        curv, loader, structure, num_data, pg, generator, index_fn, mc_keying, structure_options
+    )
     import torch.distributed as dist
 
     rounds = StatusRounds(pg, status_interval)
@@ -193,6 +218,7 @@ def _agree(
     generator: torch.Generator | None,
     index_fn: Any,
     mc_keying: str,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Accumulator, int | None]:
     """Set up this rank's accumulator and run the handshake (module docstring, step 1).
 
@@ -207,7 +233,13 @@ def _agree(
     try:
         if num_data is None:
             num_data = _distributed_sampler_size(loader)
-        acc = Accumulator(curv, structure, seed=0 if stochastic else None, mc_keying=mc_keying)
+        acc = Accumulator(
+            curv,
+            structure,
+            seed=0 if stochastic else None,
+            mc_keying=mc_keying,
+            options=options,
+        )
         fields = [*acc.describe(), protocol_field(FIT)]
         if stochastic:
             n = _local_num_samples(loader) if index_fn is None else 0

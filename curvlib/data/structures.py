@@ -6,17 +6,19 @@ ranks), add them, and turn the sums back into a result once, at the end, with th
 count :math:`N`. What differs between structures is data, one :class:`StructureRule` per
 name in :data:`STRUCTURES`:
 
+``check_options(curv, options) -> options``
+    The structure's own options, checked (before any data).
 ``call(curv, x, y, B, kw) -> (loss, result)``
     How to call the curvature object on a batch of ``B`` data points (``kw`` holds the MC
-    ``generator``).
+    ``generator`` and the structure's options).
 ``pack(curv, result, B) -> (summands, layout)``
     The summands of one result and its *layout* (a tuple of ints that describes how the
     summands group into the result; ``()`` for a single tensor). Two results add only if
     their layouts and shapes agree.
-``template(curv) -> (shapes, layout)``
+``template(curv, options) -> (shapes, layout)``
     The shapes and layout of the summands from the parameters alone, without data: what a
     rank without data sends, and what the ranks compare before accumulating.
-``finalize(sums, layout, N) -> result``
+``finalize(curv, sums, layout, N, options) -> result``
     The result of the whole data set from the sums (new tensors; the sums are not modified).
 ``labels(layout, names) -> list[str]``
     A name per summand for error messages (``names``: the selected parameters' names).
@@ -65,15 +67,22 @@ Shape = tuple[int, ...]
 Layout = tuple[int, ...]
 
 
+def _no_options(curv: Any, options: dict[str, Any]) -> dict[str, Any]:
+    if options:
+        raise TypeError(f"this structure takes no options, got {sorted(options)}")
+    return options
+
+
 @dataclass(frozen=True)
 class StructureRule:
     """How to call, pack, template, finalize and label one structure (module docstring)."""
 
     call: Callable[[Any, Any, Tensor | None, int, dict[str, Any]], tuple[Tensor, Any]]
-    pack: Callable[[Any, int], tuple[list[Tensor], Layout]]
-    template: Callable[[Any], tuple[list[Shape], Layout]]
-    finalize: Callable[[list[Tensor], Layout, int], Any]
+    pack: Callable[[Any, Any, int], tuple[list[Tensor], Layout]]
+    template: Callable[[Any, dict[str, Any]], tuple[list[Shape], Layout]]
+    finalize: Callable[[Any, list[Tensor], Layout, int, dict[str, Any]], Any]
     labels: Callable[[Layout, list[str]], list[str]]
+    check_options: Callable[[Any, dict[str, Any]], dict[str, Any]] = _no_options
 
 
 def num_selected(curv: Any) -> int:
@@ -91,7 +100,7 @@ def _dense(name: str, ndim: int) -> StructureRule:
     def call(curv: Any, x: Any, y: Tensor | None, B: int, kw: dict[str, Any]):
         return getattr(curv, name)(x, y, **kw)
 
-    def template(curv: Any) -> tuple[list[Shape], Layout]:
+    def template(curv: Any, options: dict[str, Any]) -> tuple[list[Shape], Layout]:
         P = num_selected(curv)
         return [(P,) * ndim], ()
 
@@ -99,7 +108,7 @@ def _dense(name: str, ndim: int) -> StructureRule:
         call=call,
         pack=lambda curv, H, B: ([H], ()),
         template=template,
-        finalize=lambda sums, layout, N: sums[0].clone(),
+        finalize=lambda curv, sums, layout, N, options: sums[0].clone(),
         labels=lambda layout, names: [f"{name!r} result"],
     )
 
@@ -123,7 +132,7 @@ def _kron_pack(curv: Any, K: Kron, B: int) -> tuple[list[Tensor], Layout]:
     return out, tuple(layout)
 
 
-def _kron_template(curv: Any) -> tuple[list[Shape], Layout]:
+def _kron_template(curv: Any, options: dict[str, Any]) -> tuple[list[Shape], Layout]:
     specs = _kron_specs(curv)
     shapes = [tuple(s) for fs, _ in specs for s in fs]
     layout = tuple(v for fs, a in specs for v in (len(fs), -1 if a is None else a))
@@ -134,7 +143,7 @@ def _entries(layout: Layout) -> list[tuple[int, int]]:
     return list(zip(layout[::2], layout[1::2], strict=True))
 
 
-def _kron_finalize(sums: list[Tensor], layout: Layout, N: int) -> Kron:
+def _kron_finalize(curv: Any, sums: list[Tensor], layout: Layout, N: int, options: Any) -> Kron:
     kfacs, pos = [], 0
     for k, a in _entries(layout):
         F = [t.clone() for t in sums[pos : pos + k]]
@@ -166,3 +175,12 @@ STRUCTURES: dict[str, StructureRule] = {
         labels=_kron_labels,
     ),
 }
+
+
+def _register_beyond() -> None:
+    from curvlib.data.beyond import BLOCKS, EKFAC_RULE, LOWRANK
+
+    STRUCTURES.update({"ekfac": EKFAC_RULE, "blocks": BLOCKS, "lowrank": LOWRANK})
+
+
+_register_beyond()
