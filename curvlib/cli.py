@@ -324,18 +324,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- bench --------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from curvlib import benchmark
+    from curvlib import _bench
 
     try:
-        result = benchmark.run(args.workloads, args.quick, args.out, args.threads)
+        return _bench.main(args)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    print(benchmark.markdown(result))
-    print(
-        f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')} in {result['seconds']:.0f} s",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -354,11 +348,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions and capability table")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
-    from curvlib.benchmark import add_arguments
+    from curvlib._bench import add_arguments
 
-    b = sub.add_parser(
-        "bench", help="time every backend against laplace-torch's (docs/performance.md)"
-    )
+    b = sub.add_parser("bench", help="time curvlib's backends as multiples of one gradient")
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
     return p
