@@ -8,7 +8,6 @@ the anchors); the scaling slopes; then one table per workload with every row.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from typing import Any
 
@@ -28,12 +27,8 @@ def loglog_slope(xs: list[float], ts: list[float]) -> float:
 def _status_cell(t: dict | None) -> str:
     if t is None:
         return "–"
-    m = re.search(r"\(= ([0-9.]+)× its time\)|([0-9.]+)× grad", t["detail"])
-    num = ""
-    if m:
-        num = f" {m.group(1)}×" if m.group(1) else f" {m.group(2)}× grad"
     status = "**not met**" if t["status"] == "not met" else t["status"]
-    return status + num
+    return f"{status} {t.get('value', '')}".strip()
 
 
 def _targets_table(data: dict, names: list[str]) -> list[str]:
@@ -46,7 +41,9 @@ def _targets_table(data: dict, names: list[str]) -> list[str]:
     if not titles:
         return []
     lines = [
-        "Each cell: fresh order, then `after` (curvlib's rows measured again after the anchors).",
+        "Each cell: fresh order, then `after` (curvlib's rows measured again after the "
+        "anchors) where that phase ran; the number is curvlib's time over the anchor's (×) or "
+        "over a gradient (× grad).",
         "",
         "| target | " + " | ".join(names) + " |",
         "| --- |" + " --- |" * len(names),
@@ -57,7 +54,10 @@ def _targets_table(data: dict, names: list[str]) -> list[str]:
             per = targets.get(name, {})
             f = next((t for t in per.get("fresh", []) if t["target"] == title), None)
             a = next((t for t in per.get("after", []) if t["target"] == title), None)
-            cells.append("–" if f is None else f"{_status_cell(f)} · after {_status_cell(a)}")
+            cell = _status_cell(f)
+            if a is not None:
+                cell += f" · after {_status_cell(a)}"
+            cells.append(cell)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return lines
 
@@ -79,9 +79,9 @@ def ordering_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
 
 def _ordering(data: dict, names: list[str]) -> list[str]:
     lines = [
-        "| workload | curvlib rows | median after/fresh | range | EF kron fresh → after "
-        "(autograd) |",
-        "| --- | ---: | ---: | --- | --- |",
+        "| workload | curvlib rows | median after/fresh | range | curvlib:backpack median "
+        "| BackPACK hook handles left | EF kron fresh → after (autograd) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for name in names:
         rows = [r for r in data["rows"] if r.get("workload") == name and r["kind"] == "row"]
@@ -99,10 +99,33 @@ def _ordering(data: dict, names: list[str]) -> list[str]:
             None,
         )
         ef_cell = f"{ef[0]['ratio']:.2f}× → {ef[1]['ratio']:.2f}× grad" if ef else "–"
+        state = next(
+            (r for r in data["rows"] if r.get("kind") == "state" and r["workload"] == name), {}
+        )
+        bp = [a["ratio"] / f["ratio"] for f, a in pairs if f["library"] == "curvlib:backpack"]
+        bp_cell = f"{statistics.median(bp):.2f}" if bp else "–"
         lines.append(
             f"| {name} | {len(pairs)} | {statistics.median(q):.2f} | "
-            f"{min(q):.2f}–{max(q):.2f} | {ef_cell} |"
+            f"{min(q):.2f}–{max(q):.2f} | {bp_cell} | {state.get('backpack_hook_handles', '–')} "
+            f"| {ef_cell} |"
         )
+    return lines if len(lines) > 2 else []
+
+
+def _ordering_rows(data: dict, names: list[str]) -> list[str]:
+    """Every curvlib row measured in both orders (the MLP's by default in --quick)."""
+    lines = [
+        "| workload | library | curvature | structure | × grad fresh | × grad after "
+        "| after/fresh |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        rows = [r for r in data["rows"] if r.get("workload") == name and r["kind"] == "row"]
+        for f, a in ordering_pairs(rows):
+            lines.append(
+                f"| {name} | {f['library']} | {f['curvature']} | {f['structure']} | "
+                f"{f['ratio']:.2f} | {a['ratio']:.2f} | {a['ratio'] / f['ratio']:.2f} |"
+            )
     return lines if len(lines) > 2 else []
 
 
@@ -241,7 +264,8 @@ def markdown(data: dict[str, Any], compact: bool = False) -> str:
         "",
     ]
     lines += _targets_table(data, [n for n in names if n != "scaling"]) + ["", "## Ordering", ""]
-    lines += _ordering(data, names) + ["", "## Scaling", ""]
+    lines += _ordering(data, names) + [""] + _ordering_rows(data, names)
+    lines += ["", "## Scaling", ""]
     lines += _scaling(data) + ["", "## Rows", ""]
     for name in names:
         lines += _workload(data, name, compact)

@@ -297,6 +297,17 @@ def freeze() -> None:
     gc.freeze()
 
 
+def _state(workload: str) -> dict[str, Any]:
+    """What the anchors left in the process that is known to change curvlib's timings
+    (docs/performance.md, "Ordering"): BackPACK's global list of hook handles."""
+    rec: dict[str, Any] = {"kind": "state", "workload": workload, "order": "after"}
+    if "backpack.context" in sys.modules:
+        from backpack.context import CTX
+
+        rec["backpack_hook_handles"] = len(CTX.hook_handles)
+    return rec
+
+
 def run_group(names: list[str], opts: Options, store: Results) -> None:
     """Run workloads ``names`` in this process, phase by phase (see the module docstring):
     the fresh rows of every workload (and the scaling points), then every workload's
@@ -329,5 +340,6 @@ def run_group(names: list[str], opts: Options, store: Results) -> None:
             for n, x in sessions.items():
                 x.replay(anchors[n])
             replayed = True
+        store.append(_state(s.w.name))
         for case in todo:
             s.run_case(case, "after")

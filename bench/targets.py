@@ -106,9 +106,11 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
     mine = [r for r in rows if r["library"].startswith("curvlib:") and r.get("order") == order]
     others = [r for r in rows if r.get("order") == "anchors"]
     out: list[dict] = []
+    if not mine:
+        return out
 
-    def add(target: str, status: str, detail: str) -> None:
-        out.append({"target": target, "status": status, "detail": detail})
+    def add(target: str, status: str, detail: str, value: str = "") -> None:
+        out.append({"target": target, "status": status, "detail": detail, "value": value})
 
     def best(curv: str, structure: str) -> dict | None:
         cands = _ok(mine, curvature=curv, structure=structure)
@@ -150,6 +152,7 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
                 "met" if q <= limit else "not met",
                 f"{b['library']} {b['ratio']:.2f}× vs {o['library']} {o['ratio']:.2f}× grad "
                 f"(= {q:.2f}× its time){differ}",
+                f"{q:.2f}×",
             )
 
     def at_most(t: str, curv: str, structure: str, limit: float, extra: str = "") -> None:
@@ -158,7 +161,12 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
             add(t, "not met", f"curvlib: {_why(mine, 'curvlib:autograd', curv, structure)}")
         else:
             ok = b["ratio"] <= limit
-            add(t, "met" if ok else "not met", f"{b['library']} {b['ratio']:.2f}× grad{extra}")
+            add(
+                t,
+                "met" if ok else "not met",
+                f"{b['library']} {b['ratio']:.2f}× grad{extra}",
+                f"{b['ratio']:.2f}× grad",
+            )
 
     versus("exact diag GGN ≤ 0.67× BackPACK/ASDL/curvlinops", "ggn", "diag", 0.67)
     versus("exact K-FAC ≤ 0.67× BackPACK/ASDL/curvlinops", "ggn", "kron", 0.67)
@@ -194,6 +202,7 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
                 "not met" if over else "met",
                 ", ".join(f"{k} {q:.2f}×" for k, q, _ in qs)
                 + (f"; refused: {'; '.join(missing)}" if missing else ""),
+                f"{len(over)}/{len(qs)} over, max {max(q for _, q, _ in qs):.2f}×",
             )
     # peak memory of diag and kron against the activations and the result
     act = meta.get("activation_mib")
@@ -211,6 +220,7 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
             f"{worst['library']} {worst['curvature']} {worst['structure']} "
             f"{worst['peak_mib']:.1f} MiB (= {worst['peak_mib'] / limit_w:.1f}× "
             f"max(activations, result {worst.get('result_mib', 0.0):.2f} MiB))",
+            f"{len(over)}/{len(mem)} over",
         )
     # agreement
     compared = [r for r in _ok(mine) if r.get("rel_err") is not None]
@@ -236,6 +246,7 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
                 t,
                 "met" if q <= 1.1 else "not met",
                 f"{b['library']} {b['ms']:.1f} ms vs contraction {bound['ms']:.1f} ms (= {q:.2f}×)",
+                f"{q:.2f}×",
             )
     b, o = best("hessian", "diag"), anchor("backpack:DiagHessian", "hessian", "diag")
     t = "diag Hessian ≤ BackPACK DiagHessian"
@@ -249,5 +260,6 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
             t,
             "met" if q <= 1.0 else "not met",
             f"{b['library']} {b['ratio']:.2f}× vs {o['ratio']:.2f}× grad (= {q:.2f}×)",
+            f"{q:.2f}×",
         )
     return out

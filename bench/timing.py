@@ -173,6 +173,7 @@ def measure(
     repeats: int,
     quick: bool,
     limit: float | None,
+    cap: int = 25,
 ) -> tuple[Any, dict[str, Any]]:
     """Time ``call`` against ``grad``: ``(result of the first call, statistics)``.
 
@@ -180,7 +181,7 @@ def measure(
     result), one call for the peak memory (rows faster than :data:`SLOW_SECONDS`; with
     ``quick`` the memory of the warm-up call is used), then ``repeats`` interleaved pairs
     ``(t_grad, t_call)``. Without ``quick``, rows faster than 0.1 s get more repeats (up to
-    25) so that their medians are steady; with ``quick``, rows slower than 0.3 s get one.
+    ``cap``) so that their medians are steady; with ``quick``, rows slower than 0.3 s get one.
 
     Returns
     -------
@@ -200,7 +201,7 @@ def measure(
         call()
     reps = repeats
     if not quick:
-        reps = max(repeats, min(25, int(0.5 / max(first, 1e-6))))
+        reps = max(repeats, min(cap, int(0.5 / max(first, 1e-6))))
     elif first > 0.3:
         reps = 1
     ratios, times, grads = [], [], []
