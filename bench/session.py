@@ -12,9 +12,9 @@ The report sets curvlib's ratio in both orders side by side (the ordering effect
 ``--quick`` measures every row kind on the MLP only; on the other workloads it runs the
 autograd backend's rows, laplace-torch's GGN/EF classes and no ``after`` phase. Each row
 is written to the results file as soon as it is measured. With ``resume``, rows already in
-the file are skipped; if the ``after`` phase has rows to measure but no anchor ran in this
-process, the anchors are replayed (one untimed call each) first, so that the ``after``
-rows see the same process state.
+the file are skipped; if the ``after`` phase has rows to measure, the anchors that an
+earlier run measured are replayed (one untimed call each) first, so that the ``after`` rows
+see the same process state.
 """
 
 from __future__ import annotations
@@ -330,16 +330,13 @@ def run_group(names: list[str], opts: Options, store: Results) -> None:
         anchors[name] = anchor_cases(s.w, opts.quick, s.reduced)
         freeze()  # after the imports of the other libraries
         s.ran = [s.run_case(c, "anchors") and c.setup is not None for c in anchors[name]]
-    replayed = False
-    for s in sessions.values():
+    for name, s in sessions.items():
         if s.reduced:
             continue
         after = curvlib_cases(s.w, opts.quick, after=True)
         todo = [c for c in after if not (opts.resume and store.has(s._record(c, "after")))]
-        if todo and not replayed and not any(any(x.ran) for x in sessions.values()):
-            for n, x in sessions.items():
-                x.replay(anchors[n])
-            replayed = True
+        if todo:  # --resume: replay the anchors that an earlier run measured
+            s.replay([c for c, ran in zip(anchors[name], s.ran, strict=True) if not ran])
         store.append(_state(s.w.name))
         for case in todo:
             s.run_case(case, "after")
