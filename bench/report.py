@@ -152,6 +152,8 @@ def scaling_slopes(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
             out[(axis, structure)] = {
                 "time": loglog_slope(xs, [r["ms"] for r in pts]),
                 "grad": loglog_slope(xs, [r["grad_ms"] for r in pts]),
+                "time_top3": loglog_slope(xs[-3:], [r["ms"] for r in pts[-3:]]),
+                "grad_top3": loglog_slope(xs[-3:], [r["grad_ms"] for r in pts[-3:]]),
                 "ratio_first": pts[0]["ratio"],
                 "ratio_last": pts[-1]["ratio"],
             }
@@ -180,13 +182,15 @@ def _scaling(data: dict) -> list[str]:
         )
     lines += [
         "",
-        "| fitted log-log slope | curvlib time | gradient time | × grad at the ends |",
-        "| --- | ---: | ---: | --- |",
+        "| fitted log-log slope | curvlib time | gradient time | curvlib, 3 largest | "
+        "gradient, 3 largest | × grad at the ends |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for (axis, structure), s in scaling_slopes(rows).items():
         against = "batch size" if axis == "batch" else "P (width sweep)"
         lines.append(
             f"| {structure} vs {against} | {s['time']:.2f} | {s['grad']:.2f} | "
+            f"{s['time_top3']:.2f} | {s['grad_top3']:.2f} | "
             f"{s['ratio_first']:.2f} → {s['ratio_last']:.2f} |"
         )
     return lines

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"workloads {', '.join(QUICK_WORKLOADS)}; 3 repeats; full for autograd only",
+        help=f"workloads {', '.join(QUICK_WORKLOADS)}; 3 repeats; every row on mlp only",
     )
     p.add_argument(
         "--workloads",

@@ -306,7 +306,7 @@ _BUILDERS: dict[str, Callable[[], Workload]] = {
 WORKLOADS = (*_BUILDERS, "scaling")
 
 #: ``--quick``: one workload per kind of row (see docs/performance.md)
-QUICK_WORKLOADS = ("mlp", "regression", "cnn2", "resnet", "transformer_ln", "scaling")
+QUICK_WORKLOADS = ("mlp", "regression", "cnn2", "resnet", "mlp100", "transformer_ln", "scaling")
 #: ``--quick`` measures every row on these; a reduced set on the others (bench.session)
 QUICK_FULL_SCOPE = ("mlp",)
 
