@@ -3,9 +3,10 @@ r"""The performance targets and whether a workload's rows meet them.
 curvlib's figure on a row is its fastest backend there (what ``backend="auto"`` should
 pick); the anchors' is the fastest anchor of the named libraries that computes the same
 quantity (an anchor whose result disagrees with curvlib's autograd backend by more than
-1e-3 — BackPACK's convolution K-FAC is another variant — is named and left out, unless no
-other anchor is left; MC rows are judged by their exact-GGN sibling, their samples being
-their own).
+1e-3 — BackPACK's convolution K-FAC is another variant — is named and left out; with no
+anchor left the target is ``n/a``; MC rows are judged by their exact-GGN sibling, their
+samples being their own). A target whose curvlib row was skipped is ``n/a``; one that
+curvlib refused or failed is ``not met``.
 
 | target | limit |
 | --- | --- |
@@ -138,14 +139,15 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
             for r in found
             if r not in same
         )
-        found = same or found
         if b is None:
-            add(t, "not met", f"curvlib: {_why(mine, 'curvlib:autograd', curv, structure)}")
+            missing(t, curv, structure)
+        elif found and not same:
+            add(t, "n/a", f"no anchor computes the same quantity{differ}")
         elif not found:
             why = "; ".join(f"{lib}: {_why(others, lib, curv, structure)}" for lib in libs)
             add(t, "n/a", f"no anchor ({why}); {b['library']} {b['ratio']:.2f}× grad")
         else:
-            o = min(found, key=lambda r: r["ratio"])
+            o = min(same, key=lambda r: r["ratio"])
             q = b["ratio"] / o["ratio"]
             add(
                 t,
@@ -155,10 +157,16 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
                 f"{q:.2f}×",
             )
 
+    def missing(t: str, curv: str, structure: str) -> None:
+        """No curvlib row: ``n/a`` where curvlib's rows were skipped (a pending structure,
+        --quick), ``not met`` where curvlib refused or failed."""
+        why = _why(mine, "curvlib:autograd", curv, structure)
+        add(t, "n/a" if why.startswith("skipped") else "not met", f"curvlib: {why}")
+
     def at_most(t: str, curv: str, structure: str, limit: float, extra: str = "") -> None:
         b = best(curv, structure)
         if b is None:
-            add(t, "not met", f"curvlib: {_why(mine, 'curvlib:autograd', curv, structure)}")
+            missing(t, curv, structure)
         else:
             ok = b["ratio"] <= limit
             add(
@@ -183,25 +191,25 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
         at_most("exact diag GGN ≤ 8× grad at C = 100", "ggn", "diag", 8.0)
     # curvlib's BackPACK / ASDL backends against the direct calls of their libraries
     for backend, pairs in DIRECT.items():
-        qs, missing = [], []
+        qs, gaps = [], []
         for (curv, structure), lib in pairs.items():
             c = _ok(mine, library=backend, curvature=curv, structure=structure)
             d = anchor(lib, curv, structure)
             if c and d:
                 qs.append((f"{curv} {structure}", c[0]["ratio"] / d["ratio"], lib))
             elif d and not c:
-                missing.append(f"{curv} {structure}: {_why(mine, backend, curv, structure)}")
+                gaps.append(f"{curv} {structure}: {_why(mine, backend, curv, structure)}")
         name = backend.split(":")[1]
         t = f"curvlib:{name} ≤ 1.1× {'BackPACK' if name == 'backpack' else 'ASDL'} direct"
         if not qs:
-            add(t, "n/a", "no pair measured" + (f" ({'; '.join(missing)})" if missing else ""))
+            add(t, "n/a", "no pair measured" + (f" ({'; '.join(gaps)})" if gaps else ""))
         else:
             over = [q for q in qs if q[1] > 1.1]
             add(
                 t,
                 "not met" if over else "met",
                 ", ".join(f"{k} {q:.2f}×" for k, q, _ in qs)
-                + (f"; refused: {'; '.join(missing)}" if missing else ""),
+                + (f"; refused: {'; '.join(gaps)}" if gaps else ""),
                 f"{len(over)}/{len(qs)} over, max {max(q for _, q, _ in qs):.2f}×",
             )
     # peak memory of diag and kron against the activations and the result
