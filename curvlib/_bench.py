@@ -95,8 +95,7 @@ def _inner(a: list, b: list) -> float:
             continue
         term = 1.0
         for f1, f2 in zip(A, B, strict=True):
-            f1 = f1 if f1.ndim == 2 or f2.ndim == 1 else torch.diag(f1)
-            f2 = f2 if f2.ndim == 2 or f1.ndim == 1 else torch.diag(f2)
+            f1, f2 = (torch.diag(f) if f.ndim < g.ndim else f for f, g in ((f1, f2), (f2, f1)))
             term *= float((f1 * f2).sum())
         total += term
     return total
