@@ -14,7 +14,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's curvlib and tests
 
 import torch  # noqa: E402
 
@@ -33,6 +34,7 @@ def main() -> None:
     if args.reuse_all:
         T.REUSE_EVERY = 1
     warnings.simplefilter("ignore")
+    print(f"curvlib from {Path(T.curvlib.__file__).parent}")
     t0 = time.perf_counter()
     kinds = [k for k in T.KINDS if args.k in k.name]
     total: Counter = Counter()
