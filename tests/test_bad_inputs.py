@@ -865,3 +865,43 @@ def test_bad_state_dicts(cls, row):
     assert torch.equal(target.to_matrix(), before)
     again = Klass.from_state_dict(target.state_dict())
     assert torch.equal(again.to_matrix(), before)
+
+
+# -- the command line's configuration -------------------------------------------------------
+BAD_CONFIGS = {
+    "out a list": (b"out = [1, 2]\n", "out must be a folder name (a string), got [1, 2]"),
+    "seed a string": (b'seed = "abc"\n', "seed must be an integer >= 0, got 'abc'"),
+    "seed beyond 2**64": (b"seed = 99999999999999999999\n", "seed must be an integer <= 1844"),
+    "unknown key": (b"colour = 1\n", "unknown key 'colour'"),
+    "unknown backend in a string": (b'backends = "jax"\n', "unknown backend 'jax'"),
+    "not TOML": (b"seed = = 1\n", "is not valid TOML"),
+    "not UTF-8": (b"\xff\xfe\x00seed", "not UTF-8 text"),
+    "a directory": (None, "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("row", list(BAD_CONFIGS))
+def test_bad_config_is_one_line_and_exit_2(row, tmp_path, capsys):
+    from curvlib.cli import main
+
+    text, message = BAD_CONFIGS[row]
+    cfg = tmp_path / "c.toml"
+    if text is None:
+        cfg.mkdir()
+    else:
+        cfg.write_bytes(text)
+    out = tmp_path / "o"
+    assert main(["demo", "--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvlib: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_config_backends_string_is_one_backend(tmp_path):
+    from curvlib.cli import _demo_options, _parser
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('backends = "autograd"\nseed = 18446744073709551615\n')
+    opts = _demo_options(_parser().parse_args(["demo", "--config", str(cfg)]))
+    assert opts["backends"] == ["autograd"] and opts["seed"] == 2**64 - 1
