@@ -210,7 +210,11 @@ def check(
         f"{'at least' if lower else 'about'} {human(need)} "
         f"(memory model {model} with P = {sizes.P:,}"
         + (f", P_s = {sizes.P_s:,}" if sizes.P_s != sizes.P else "")
-        + (f", B = {sizes.B}, " + ("C >= 1" if lower else f"C = {sizes.C}") if model in _USES_C else "")
+        + (
+            f", B = {sizes.B}, " + ("C >= 1" if lower else f"C = {sizes.C}")
+            if model in _USES_C
+            else ""
+        )
         + f"), more than the limit of {human(cap)} ({source}). "
         + offer
         + f"Raise the limit with memory_limit=... or {ENV_VAR}=... (e.g. '64G'), or select "

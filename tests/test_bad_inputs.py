@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import curvlib
 from curvlib.backends import backend_class, registry
-from curvlib.errors import CurvlibError, NonFiniteError, TargetError
+from curvlib.errors import CurvlibError
 
 DT = torch.float64
 B, D, H, C, C_REG = 4, 3, 4, 3, 2
@@ -141,6 +141,7 @@ class Kind:
     keyword: bool = False  # a keyword problem: TypeError is the expected class
     after_forward: bool = False  # the check needs the model output (0 backward passes)
     reference: str = "clean"  # valid kinds: "clean" result, or "brute" force
+    exact: bool = False  # valid kinds: bit for bit the clean result
     note: str = ""
 
 
@@ -327,6 +328,9 @@ def outcome(kind: Kind, job: tuple[str, str, str], reuse: bool = True) -> Outcom
         if err is not None:
             return Outcome("crash", f"{type(err).__name__}: {err}")
         expected = brute(job, s) if kind.reference == "brute" else clean(job, s.likelihood)
+        if kind.exact:
+            same = torch.equal(out, expected)
+            return Outcome("ok" if same else "wrong", "bit for bit" if same else "not bit for bit")
         e = ref.rel_err(out, expected)
         return Outcome("ok" if e < 1e-10 else "wrong", f"relative error {e:.2e}")
     if err is None:
@@ -386,9 +390,7 @@ KINDS += [
     Kind("x a string", "x", _x(lambda x: "abc"), "tensor or a dict"),
     Kind("x a list", "x", _x(lambda x: x.tolist()), "tensor or a dict|data set"),
     Kind("x 0-dim", "x", _x(lambda x: x[0, 0]), "batch dimension"),
-    Kind(
-        "x empty batch", "x", lambda job: Setup(x=data("classification")[0][:0], y=None), "empty"
-    ),
+    Kind("x empty batch", "x", lambda job: Setup(x=data("classification")[0][:0], y=None), "empty"),
     Kind("x on meta", "x", _x(lambda x: x.to("meta")), "on meta.*model is on cpu"),
     Kind("x float32", "x", _x(lambda x: x.float()), "float32.*float64"),
     Kind(
@@ -415,7 +417,12 @@ KINDS += [
     Kind("x complex", "x", _x(lambda x: x.to(torch.complex128)), "complex"),
     Kind("x NaN", "x", _x(lambda x: _set(x, (2, 1), float("nan"))), r"NaN.*\[2\]"),
     Kind("x +inf", "x", _x(lambda x: _set(x, (0, 0), float("inf"))), r"infinite.*\[0\]"),
-    Kind("x 1e160 (overflows)", "x", _x(lambda x: _set(x, (1, 0), 1e160)), r"magnitude 1e\+160 at batch indices \[1\].*overflow"),
+    Kind(
+        "x 1e160 (overflows)",
+        "x",
+        _x(lambda x: _set(x, (1, 0), 1e160)),
+        r"magnitude 1e\+160 at batch indices \[1\].*overflow",
+    ),
 ]
 
 
@@ -437,7 +444,9 @@ KINDS += [
     Kind(
         "x dict, wrong batch size",
         "x",
-        _dict_setup(lambda x: {"input_ids": x, "attention_mask": torch.ones(B - 1, D, dtype=torch.long)}),
+        _dict_setup(
+            lambda x: {"input_ids": x, "attention_mask": torch.ones(B - 1, D, dtype=torch.long)}
+        ),
         r"batch size 4",
     ),
     Kind(
@@ -485,10 +494,16 @@ def _batch_of_one(likelihood: str) -> Callable[[tuple], Setup]:
 
 
 KINDS += [
-    Kind("batch of one (classification)", "x", _batch_of_one("classification"), valid=True,
-         reference="brute"),
-    Kind("batch of one (regression)", "x", _batch_of_one("regression"), valid=True,
-         reference="brute"),
+    Kind(
+        "batch of one (classification)",
+        "x",
+        _batch_of_one("classification"),
+        valid=True,
+        reference="brute",
+    ),
+    Kind(
+        "batch of one (regression)", "x", _batch_of_one("regression"), valid=True, reference="brute"
+    ),
 ]
 
 # y
@@ -600,6 +615,7 @@ for _dt in (torch.int32, torch.uint8, torch.int8):
             _y(lambda y, dt=_dt: y.to(dt)),
             entries=Y_ENTRIES,
             valid=True,
+            exact=True,
         )
     )
 
@@ -619,17 +635,28 @@ KINDS += [
     Kind("N < batch size", "N", _N(B - 1), "at least the batch size 4", entries=STRUCTS),
     Kind("N a string", "N", _N("10"), "positive integer", entries=STRUCTS),
     Kind("N a bool", "N", _N(True), "positive integer", entries=STRUCTS),
-    Kind("N a 2-entry tensor", "N", _N(torch.tensor([8, 8])), "positive integer",
-         entries=STRUCTS),
-    Kind("N a 0-dim integer tensor", "N", _N(torch.tensor(B)), entries=STRUCTS, valid=True),
-    Kind("N = batch size as float 4.0", "N", _N(float(B)), entries=STRUCTS, valid=True),
+    Kind("N a 2-entry tensor", "N", _N(torch.tensor([8, 8])), "positive integer", entries=STRUCTS),
+    Kind(
+        "N a 0-dim integer tensor",
+        "N",
+        _N(torch.tensor(B)),
+        entries=STRUCTS,
+        valid=True,
+        exact=True,
+    ),
+    Kind("N = batch size as float 4.0", "N", _N(float(B)), entries=STRUCTS, valid=True, exact=True),
 ]
 
 # generators (per call)
 GEN_ENTRIES = ("full", "diag", "kron", "operator")
 KINDS += [
-    Kind("generator an int", "generator", lambda job: Setup(call={"generator": 42}),
-         "torch.Generator", entries=GEN_ENTRIES),
+    Kind(
+        "generator an int",
+        "generator",
+        lambda job: Setup(call={"generator": 42}),
+        "torch.Generator",
+        entries=GEN_ENTRIES,
+    ),
     Kind(
         "generator list of wrong length",
         "generator",
@@ -660,14 +687,24 @@ def _sub(value: Any) -> Callable[[tuple], Setup]:
 P = sum(p.numel() for p in _TEMPLATES["classification"].parameters())
 SUB_ENTRIES = ("full", "diag", "kron", "operator", "jacobians", "gradients")
 KINDS += [
-    Kind("subnetwork bool mask of wrong length", "subnetwork",
-         _sub(torch.ones(P - 1, dtype=torch.bool)), rf"shape \({P},\)"),
-    Kind("subnetwork duplicated indices", "subnetwork", _sub(torch.tensor([0, 2, 2])),
-         "duplicates"),
-    Kind("subnetwork index out of range", "subnetwork", _sub(torch.tensor([0, P])),
-         rf"\[0, {P - 1}\]"),
-    Kind("subnetwork negative index", "subnetwork", _sub(torch.tensor([-1, 3])),
-         rf"\[0, {P - 1}\]"),
+    Kind(
+        "subnetwork bool mask of wrong length",
+        "subnetwork",
+        _sub(torch.ones(P - 1, dtype=torch.bool)),
+        rf"shape \({P},\)",
+    ),
+    Kind(
+        "subnetwork duplicated indices", "subnetwork", _sub(torch.tensor([0, 2, 2])), "duplicates"
+    ),
+    Kind(
+        "subnetwork index out of range",
+        "subnetwork",
+        _sub(torch.tensor([0, P])),
+        rf"\[0, {P - 1}\]",
+    ),
+    Kind(
+        "subnetwork negative index", "subnetwork", _sub(torch.tensor([-1, 3])), rf"\[0, {P - 1}\]"
+    ),
     Kind("subnetwork float tensor", "subnetwork", _sub(torch.tensor([0.0, 1.0])), "integer"),
     Kind("subnetwork 2-D", "subnetwork", _sub(torch.tensor([[0, 1]])), "1-D"),
     Kind("subnetwork empty", "subnetwork", _sub(torch.tensor([], dtype=torch.long)), "empty"),
@@ -695,19 +732,40 @@ def _train_mode(layer: nn.Module) -> Callable[[], nn.Module]:
 
 
 KINDS += [
-    Kind("model float16", "model", _model(lambda: mlp().half(), lambda x: x.half()),
-         "float16.*float32 or float64 copy"),
-    Kind("model bfloat16", "model", _model(lambda: mlp().bfloat16(), lambda x: x.bfloat16()),
-         "bfloat16"),
+    Kind(
+        "model float16",
+        "model",
+        _model(lambda: mlp().half(), lambda x: x.half()),
+        "float16.*float32 or float64 copy",
+    ),
+    Kind(
+        "model bfloat16",
+        "model",
+        _model(lambda: mlp().bfloat16(), lambda x: x.bfloat16()),
+        "bfloat16",
+    ),
     Kind("model of mixed dtypes", "model", _model(_mixed), "mixes dtypes"),
-    Kind("model without trainable parameters", "model",
-         _model(lambda: mlp().requires_grad_(False)), "no parameters with requires_grad"),
-    Kind("model dropout in training mode", "model", _model(_train_mode(nn.Dropout(0.3))),
-         r"module '2' \(Dropout\).*training mode.*eval\(\)"),
-    Kind("model batchnorm in training mode", "model", _model(_train_mode(nn.BatchNorm1d(H))),
-         r"module '2' \(BatchNorm1d\).*training mode"),
-    Kind("model on meta", "model", _model(lambda: mlp().to("meta"), lambda x: x.to("meta")),
-         "meta"),
+    Kind(
+        "model without trainable parameters",
+        "model",
+        _model(lambda: mlp().requires_grad_(False)),
+        "no parameters with requires_grad",
+    ),
+    Kind(
+        "model dropout in training mode",
+        "model",
+        _model(_train_mode(nn.Dropout(0.3))),
+        r"module '2' \(Dropout\).*training mode.*eval\(\)",
+    ),
+    Kind(
+        "model batchnorm in training mode",
+        "model",
+        _model(_train_mode(nn.BatchNorm1d(H))),
+        r"module '2' \(BatchNorm1d\).*training mode",
+    ),
+    Kind(
+        "model on meta", "model", _model(lambda: mlp().to("meta"), lambda x: x.to("meta")), "meta"
+    ),
 ]
 
 
@@ -729,41 +787,106 @@ def _keyword(name: str) -> str:
 
 
 KINDS += [
-    Kind("constructor no_such_option=", "options", _ctor(no_such_option=1),
-         _keyword("no_such_option"), keyword=True),
-    Kind("constructor num_sampels=", "options", _ctor(num_sampels=2), _keyword("num_sampels"),
-         keyword=True),
-    Kind("make_curvature generater=", "options", _factory(generater=_generator()),
-         _keyword("generater"), keyword=True),
-    Kind("make_curvature no_such_option=", "options", _factory(no_such_option=1),
-         _keyword("no_such_option"), keyword=True),
-    Kind("call generater=", "options", _percall(generater=_generator()), _keyword("generater"),
-         keyword=True),
-    Kind("call num_sampels=", "options", _percall(num_sampels=2), _keyword("num_sampels"),
-         keyword=True),
-    Kind("call no_such_option=", "options", _percall(no_such_option=1),
-         _keyword("no_such_option"), keyword=True),
-    Kind("constructor kfac_approx unknown", "options", _ctor(kfac_approx="exact"),
-         "kfac_approx.*'expand'"),
-    Kind("call kfac_approx unknown", "options", _percall(kfac_approx="exact"),
-         "kfac_approx.*'expand'", entries=STRUCTS),
-    Kind("constructor num_samples = 0", "options", _ctor(num_samples=0), "num_samples",
-         keyword=True),
-    Kind("call num_samples = 0", "options", _percall(num_samples=0), "num_samples",
-         entries=STRUCTS),
-    Kind("call num_samples = 2.5", "options", _percall(num_samples=2.5), "num_samples",
-         entries=STRUCTS),
-    Kind("constructor memory_limit garbage", "options", _ctor(memory_limit="lots"),
-         "memory_limit.*'lots'"),
-    Kind("constructor memory_limit negative", "options", _ctor(memory_limit=-1),
-         "memory_limit.*non-negative"),
-    Kind("CURVLIB_MEMORY_LIMIT garbage", "options",
-         lambda job: Setup(env={"CURVLIB_MEMORY_LIMIT": "12 apples"}),
-         "CURVLIB_MEMORY_LIMIT.*'12 apples'"),
-    Kind("likelihood unknown", "options", lambda job: Setup(lik="gaussian"),
-         "unknown likelihood 'gaussian'"),
-    Kind("last_layer without a last layer", "options", _ctor(last_layer=True),
-         "last_layer"),
+    Kind(
+        "constructor no_such_option=",
+        "options",
+        _ctor(no_such_option=1),
+        _keyword("no_such_option"),
+        keyword=True,
+    ),
+    Kind(
+        "constructor num_sampels=",
+        "options",
+        _ctor(num_sampels=2),
+        _keyword("num_sampels"),
+        keyword=True,
+    ),
+    Kind(
+        "make_curvature generater=",
+        "options",
+        _factory(generater=_generator()),
+        _keyword("generater"),
+        keyword=True,
+    ),
+    Kind(
+        "make_curvature no_such_option=",
+        "options",
+        _factory(no_such_option=1),
+        _keyword("no_such_option"),
+        keyword=True,
+    ),
+    Kind(
+        "call generater=",
+        "options",
+        _percall(generater=_generator()),
+        _keyword("generater"),
+        keyword=True,
+    ),
+    Kind(
+        "call num_sampels=",
+        "options",
+        _percall(num_sampels=2),
+        _keyword("num_sampels"),
+        keyword=True,
+    ),
+    Kind(
+        "call no_such_option=",
+        "options",
+        _percall(no_such_option=1),
+        _keyword("no_such_option"),
+        keyword=True,
+    ),
+    Kind(
+        "constructor kfac_approx unknown",
+        "options",
+        _ctor(kfac_approx="exact"),
+        "kfac_approx.*'expand'",
+    ),
+    Kind(
+        "call kfac_approx unknown",
+        "options",
+        _percall(kfac_approx="exact"),
+        "kfac_approx.*'expand'",
+        entries=STRUCTS,
+    ),
+    Kind(
+        "constructor num_samples = 0", "options", _ctor(num_samples=0), "num_samples", keyword=True
+    ),
+    Kind(
+        "call num_samples = 0", "options", _percall(num_samples=0), "num_samples", entries=STRUCTS
+    ),
+    Kind(
+        "call num_samples = 2.5",
+        "options",
+        _percall(num_samples=2.5),
+        "num_samples",
+        entries=STRUCTS,
+    ),
+    Kind(
+        "constructor memory_limit garbage",
+        "options",
+        _ctor(memory_limit="lots"),
+        "memory_limit.*'lots'",
+    ),
+    Kind(
+        "constructor memory_limit negative",
+        "options",
+        _ctor(memory_limit=-1),
+        "memory_limit.*non-negative",
+    ),
+    Kind(
+        "CURVLIB_MEMORY_LIMIT garbage",
+        "options",
+        lambda job: Setup(env={"CURVLIB_MEMORY_LIMIT": "12 apples"}),
+        "CURVLIB_MEMORY_LIMIT.*'12 apples'",
+    ),
+    Kind(
+        "likelihood unknown",
+        "options",
+        lambda job: Setup(lik="gaussian"),
+        "unknown likelihood 'gaussian'",
+    ),
+    Kind("last_layer without a last layer", "options", _ctor(last_layer=True), "last_layer"),
 ]
 
 
@@ -812,7 +935,9 @@ assert {name for name, _ in KNOWN_OUTSIDE} <= {k.name for k in KINDS}
 def _expect(k: Kind, results: dict) -> None:
     want = "ok" if k.valid else "refused"
     bad = {j: o for j, o in results.items() if o.status != want}
-    assert not bad, "\n".join(f"{'-'.join(j)}: {o.status}: {o.detail[:300]}" for j, o in bad.items())
+    assert not bad, "\n".join(
+        f"{'-'.join(j)}: {o.status}: {o.detail[:300]}" for j, o in bad.items()
+    )
 
 
 @pytest.mark.parametrize("k", KINDS, ids=[k.name for k in KINDS])
@@ -835,7 +960,9 @@ def test_known_outside(name: str, entry: str) -> None:
 
 # -- saved structures ----------------------------------------------------------------------
 def _kron() -> curvlib.Kron:
-    return curvlib.Kron([[torch.eye(2, dtype=DT), 2 * torch.eye(3, dtype=DT)], [torch.eye(2, dtype=DT)]])
+    return curvlib.Kron(
+        [[torch.eye(2, dtype=DT), 2 * torch.eye(3, dtype=DT)], [torch.eye(2, dtype=DT)]]
+    )
 
 
 BAD_STATES = {

@@ -214,7 +214,9 @@ def test_option_and_env_limits_in_a_call(monkeypatch):
     expected = cls(model, "classification", memory_limit=0).full(x, y)[1]
     P = 3 * 4 + 4 + 4 * 3 + 3
     monkeypatch.setenv(ENV_VAR, "1K")
-    with pytest.raises(MemoryLimitError, match=rf"{human(8 * (P * P + P))}.*1\.0 KiB \({ENV_VAR}\)"):
+    with pytest.raises(
+        MemoryLimitError, match=rf"{human(8 * (P * P + P))}.*1\.0 KiB \({ENV_VAR}\)"
+    ):
         cls(model, "classification").full(x, y)
     for option in ("1M", "none", 0, None):
         if option is None:
