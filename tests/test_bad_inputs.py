@@ -1032,3 +1032,16 @@ def test_config_backends_string_is_one_backend(tmp_path):
     cfg.write_text('backends = "autograd"\nseed = 18446744073709551615\n')
     opts = _demo_options(_parser().parse_args(["demo", "--config", str(cfg)]))
     assert opts["backends"] == ["autograd"] and opts["seed"] == 2**64 - 1
+
+
+# -- a failure of the user's forward: an InputError chained from it ------------------------
+@pytest.mark.parametrize("backend", sorted({j[0] for j in JOBS}))
+def test_forward_failure_is_chained(backend):
+    x, y = data("classification")
+    for what, bad in (("full", (x * 10).long()), ("jacobians", x[:, :2])):
+        curv = backend_class(backend, "ggn")(model_for("classification"), "classification")
+        with pytest.raises(curvlib.InputError, match="forward pass failed") as info:
+            curv.full(bad, y) if what == "full" else curv.jacobians(bad)
+        cause = info.value.__cause__
+        assert isinstance(cause, RuntimeError) and not isinstance(cause, CurvlibError)
+        assert str(cause) in str(info.value)  # the original message is quoted
