@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from curvlib._inputs import describe
+from curvlib._inputs import check_generator, describe
 from curvlib.capabilities import Capability
 from curvlib.errors import CapabilityError, CurvlibError, InputError, NonFiniteError
 
@@ -73,6 +74,19 @@ class Call:
     options: dict[str, Any] = field(default_factory=dict)
     after_forward: list[Callable[[Call, Tensor], None]] = field(default_factory=list)
     _forwarded: bool = False
+
+    def __post_init__(self) -> None:
+        check_generator(self.generator, self.B)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The input of the differentiated module is detached unless the caller asked for
+        # the graph (``enable_backprop``): no backend accumulates into ``x.grad`` or
+        # differentiates into the user's graph.
+        if name == "inp" and value is not None and not self.enable_backprop:
+            value = tree_map(
+                lambda t: t.detach() if isinstance(t, Tensor) and t.requires_grad else t, value
+            )
+        super().__setattr__(name, value)
 
     # -- what the hooks read ------------------------------------------------------------
     @property

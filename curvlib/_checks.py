@@ -315,10 +315,8 @@ class CapabilityChecks:
             P_s=P if call.idx is None else int(call.idx.numel()),
             B=call.B,
             C=None if f is None else int(f[0].numel()),
-            kron_entries=kron_entries(self._model, self.params) if call.cap.memory == "kron" else 0,
-            layer_blocks=_layer_blocks(self._model, self.params)
-            if call.cap.memory == "layer_blocks"
-            else 0,
+            kron_entries=lambda: kron_entries(self._model, self.params),
+            layer_blocks=lambda: _layer_blocks(self._model, self.params),
         )
 
     def _check_memory(self, call: Call, f: Tensor | None) -> None:

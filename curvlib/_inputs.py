@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ __all__ = [
     "check_targets",
     "check_num_data",
     "check_positive_int",
+    "check_generator",
+    "MAX_NUM_DATA",
     "slice_batch",
     "split_batch",
     "describe",
@@ -67,6 +69,34 @@ def _indices(idx: list[int]) -> str:
     return f"{idx[:10]}" + (" ..." if len(idx) > 10 else "")
 
 
+def _check_magnitude(t: Tensor, what: str = "inputs", quadratic: str = "curvature") -> None:
+    """NaN / inf entries of ``t``, or entries whose square overflows ``t.dtype``, by row.
+
+    Curvature is quadratic in the inputs (the first layer's blocks hold :math:`x x^\\top`) and
+    the squared loss in the regression targets: beyond :math:`\\sqrt{\\max}` of the dtype
+    they overflow to infinity.
+    """
+    # one cheap reduction first (NaN and inf propagate through the max)
+    top = t.detach().abs().max()
+    limit = math.sqrt(torch.finfo(t.dtype).max)
+    if bool(top.isfinite()) and float(top) <= limit:
+        return
+    B = t.shape[0]
+    flat = t.detach().reshape(B, -1)
+    bad = _bad_rows(t)
+    if bad:
+        raise NonFiniteError(
+            f"the {what} contain NaN or infinite values at batch indices {_indices(bad)}"
+        )
+    rows = (flat.abs() > limit).any(dim=1).nonzero().flatten().tolist()
+    raise NonFiniteError(
+        f"the {what} reach magnitude {float(top):.3g} at batch indices {_indices(rows)}, "
+        f"beyond the square root of the largest {t.dtype} ({limit:.3g}): the {quadratic} "
+        f"is quadratic in the {what} and would overflow to infinity; rescale the {what}"
+        + (" (or compute in float64)" if t.dtype != torch.float64 else "")
+    )
+
+
 def check_inputs(x: Any, dict_key_x: str, device: torch.device, dtype: torch.dtype) -> int:
     """Check device, dtype, batch size and finiteness of every input tensor; return ``B``.
 
@@ -94,15 +124,8 @@ def check_inputs(x: Any, dict_key_x: str, device: torch.device, dtype: torch.dty
             raise InputError(
                 f"every input tensor must have batch size {B} first, got {tuple(leaf.shape)}"
             )
-        # one cheap reduction first (NaN and inf propagate through a sum)
         if torch.is_floating_point(leaf) and leaf.numel() and not leaf.is_meta:
-            if not bool(leaf.sum().isfinite()):
-                bad = _bad_rows(leaf)
-                if bad:
-                    raise NonFiniteError(
-                        "the inputs contain NaN or infinite values at batch indices "
-                        f"{_indices(bad)}"
-                    )
+            _check_magnitude(leaf)
     if B == 0:
         raise InputError("the batch is empty (batch size 0)")
     return B
@@ -131,45 +154,92 @@ def check_targets(y: Any, B: int, device: torch.device, likelihood: str) -> Tens
         if not torch.is_floating_point(y) and y.dtype != torch.long:
             y = y.long()  # int8/16/32, uint8: the same labels as int64
     elif torch.is_floating_point(y) and y.numel() and not y.is_meta:
-        if not bool(y.sum().isfinite()):
-            bad = _bad_rows(y)
-            if bad:
-                raise NonFiniteError(
-                    f"the regression targets contain NaN or infinite values at batch indices "
-                    f"{_indices(bad)}"
-                )
+        _check_magnitude(y, "regression targets", "loss")
     return y
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as a positive int (an integral float is accepted); else ``InputError``."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real, Tensor)):
+    """``value`` as a positive int; else :class:`InputError` naming ``name``.
+
+    Accepted: an integer (Python or NumPy), an integral float (``8.0``), or a one-entry
+    integer or integral float tensor. Refused: booleans, strings, fractions, NaN / inf,
+    tensors of several entries, zero and negative numbers.
+    """
+    v = value
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex() or v.is_meta:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_floating_point() and not value.isfinite().all():
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-        value = value.item()
-    if isinstance(value, numbers.Integral):
-        n = int(value)
-    else:
-        v = float(value)
-        if not math.isfinite(v) or v != math.floor(v):
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(v, numbers.Integral):
         n = int(v)
+    else:
+        f = float(v)
+        if not math.isfinite(f) or f != math.floor(f):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        n = int(f)
     if n < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return n
 
 
+#: the largest ``N``: every integer up to it is exact in float64 (factors divide by ``N``)
+MAX_NUM_DATA = 2**53
+
+
 def check_num_data(N: Any, B: int) -> int:
-    """``N`` (the number of data points of the whole data set) as an int ``>= B``."""
+    """``N`` (the number of data points of the whole data set) as an int, ``B <= N <= 2**53``.
+
+    Raises
+    ------
+    InputError
+        ``N`` not a positive integer (see :func:`check_positive_int`), smaller than the
+        batch, or beyond ``2**53`` (no data set is that large; the K-FAC factors divide by
+        ``N`` in floating point).
+    """
     n = check_positive_int("N (the number of data points)", N)
     if n < B:
         raise InputError(
             f"N (the number of data points) must be at least the batch size {B}, got {N!r}: "
             "N counts the data points of the whole data set the batch belongs to"
         )
+    if n > MAX_NUM_DATA:
+        raise InputError(
+            f"N (the number of data points) must be at most 2**53 = {MAX_NUM_DATA:,} (the "
+            f"largest count float64 holds exactly), got {n:.3e}: N counts the data points "
+            "of the whole data set the batch belongs to"
+        )
     return n
+
+
+def check_generator(generator: Any, B: int | None) -> None:
+    """``None``, one ``torch.Generator``, or a sequence of ``B`` of them (one per data point).
+
+    Raises
+    ------
+    InputError
+        Another type, a sequence holding something else, or a sequence of another length.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if (
+        isinstance(generator, (str, bytes, Tensor))
+        or not isinstance(generator, Sequence)
+        or not all(isinstance(g, torch.Generator) for g in generator)
+    ):
+        got = type(generator).__name__
+        if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
+            got += " of " + ", ".join(sorted({type(g).__name__ for g in generator}))
+        raise InputError(
+            "generator must be a torch.Generator (or a sequence of one per data point), "
+            f"got a {got}"
+        )
+    if B is not None and len(generator) != B:
+        raise InputError(
+            f"got {len(generator)} generators for a batch of {B}: pass one torch.Generator, "
+            "or one per data point"
+        )
 
 
 def slice_batch(inp: Any, s: slice) -> Any:

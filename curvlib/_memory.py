@@ -7,10 +7,16 @@ the first forward pass), ``K`` (cotangent columns) and the parameter shapes. The
 bytes (entries × the parameters' item size) is compared with the limit before the call
 allocates: by default the memory available on the model's device (``MemAvailable`` of
 ``/proc/meminfo`` on the CPU, ``torch.cuda.mem_get_info`` on CUDA), overridden by the
-``memory_limit`` option of a curvature object or the environment variable
-``CURVLIB_MEMORY_LIMIT`` (bytes, or a number with ``K``/``M``/``G``/``T``; ``none`` or ``0``
-for no limit). Above the limit the call raises :class:`~curvlib.errors.MemoryLimitError`
-with the estimate and the cheaper structures that would fit.
+``memory_limit`` option of a curvature object (first) or the environment variable
+``CURVLIB_MEMORY_LIMIT`` (bytes, or a number with ``K``/``M``/``G``/``T``, binary units;
+``none`` or ``0`` for no limit; an empty variable counts as unset). A value that does not
+parse is an :class:`~curvlib.errors.InputError` naming its source. Above the limit the call
+raises :class:`~curvlib.errors.MemoryLimitError` with the estimate, the limit and its
+source, and the cheaper structures that would fit.
+
+The check runs before any forward pass; models that read ``C`` are checked then with the
+lower bound ``C = 1`` and again after the first forward pass, when ``C`` is known, before
+any backward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,16 +39,29 @@ ENV_VAR = "CURVLIB_MEMORY_LIMIT"
 
 @dataclass
 class Sizes:
-    """What a memory model reads."""
+    """What a memory model reads.
+
+    ``kron_entries`` (entries of the K-FAC factors) and ``layer_blocks``
+    (:math:`\\sum_l P_l^2` over the modules owning parameters) may be given as zero-argument
+    callables, evaluated only when a memory model reads them; ``0`` means not computed.
+    """
 
     P: int
     P_s: int
     B: int
     C: int | None = None
     K: int = 1
-    kron_entries: int = 0
-    layer_blocks: int = 0
+    kron_entries: int | Callable[[], int] = 0
+    layer_blocks: int | Callable[[], int] = 0
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+    def count(self, name: str) -> int | None:
+        """``kron_entries`` or ``layer_blocks``, evaluated; ``None`` if not computed."""
+        value = getattr(self, name)
+        if callable(value):
+            value = int(value())
+            setattr(self, name, value)
+        return value or None
 
 
 def _needs_C(f: Callable[[Sizes], int]) -> Callable[[Sizes], int | None]:
@@ -60,10 +79,15 @@ MODELS: dict[str, Callable[[Sizes], int | None]] = {
     "P2+BCP": _needs_C(lambda s: s.P_s * s.P_s + s.B * s.C * s.P),
     "BCP": _needs_C(lambda s: s.B * s.C * s.P),
     "BP": lambda s: s.B * s.P,
-    "kron": lambda s: s.kron_entries,
+    "kron": lambda s: s.count("kron_entries"),
     "lowrank": lambda s: 64 * s.P,
-    "layer_blocks": lambda s: s.layer_blocks,
+    "layer_blocks": lambda s: s.count("layer_blocks"),
 }
+
+#: the memory models that read ``C``
+_USES_C = ("P2+BCP", "BCP")
+#: entry points that are no structure, never offered as a cheaper alternative
+_NOT_STRUCTURES = ("jacobians", "gradients", "last_layer_jacobians")
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -131,7 +155,7 @@ def limit_of(option: Any, device: torch.device) -> tuple[int | None, str]:
     if option is not None:
         return parse_limit(option, "memory_limit"), "memory_limit"
     env = os.environ.get(ENV_VAR)
-    if env is not None:
+    if env is not None and env.strip():  # set and not empty
         return parse_limit(env, ENV_VAR), ENV_VAR
     return _available(device), f"memory available on {device}"
 
@@ -153,25 +177,49 @@ def check(
 ) -> None:
     """Raise :class:`MemoryLimitError` if ``model``'s estimate exceeds ``limit``.
 
-    ``alternatives`` are ``(structure, memory model)`` pairs offered where they fit.
+    ``alternatives`` are ``(structure, memory model)`` pairs: those whose estimate fits
+    are offered with it, those the call cannot estimate (e.g. ``kron`` before its layers
+    are counted) are named as not estimated.
     """
-    need = estimate(model, sizes, itemsize)
     cap, source = limit
-    if need is None or cap is None or need <= cap:
+    if cap is None:
         return
-    fits = []
-    for name, m in alternatives:
+    # before the first forward pass C is unknown: C >= 1 gives a lower bound
+    lower = sizes.C is None and model in _USES_C
+    need = estimate(model, replace(sizes, C=1) if lower else sizes, itemsize)
+    if need is None or need <= cap:
+        return
+    fits, unknown = [], []
+    for name, m in alternatives if what not in _NOT_STRUCTURES else ():
+        if name == what or name in _NOT_STRUCTURES:
+            continue
         n = estimate(m, sizes, itemsize)
-        if n is not None and n <= cap and name != what:
-            fits.append(f"{name} ({human(n)})")
+        if n is None:
+            unknown.append(name)
+        elif n <= cap:
+            fits.append((n, name))
+    offer = ""
+    if fits:
+        named = [f"{name} ({human(n)})" for n, name in sorted(fits)]
+        offer = f"Cheaper structures that fit: {', '.join(named)}"
+        offer += f" (not estimated: {', '.join(unknown)}). " if unknown else ". "
+    elif unknown:
+        offer = f"Structures not estimated here that may fit: {', '.join(unknown)}. "
     raise MemoryLimitError(
-        f"the {what!r} {curvature + ' ' if curvature else ''}call needs about {human(need)} "
+        f"the {what!r} {curvature + ' ' if curvature else ''}call needs "
+        f"{'at least' if lower else 'about'} {human(need)} "
         f"(memory model {model} with P = {sizes.P:,}"
-        + (f", B = {sizes.B}, C = {sizes.C}" if "C" in model else "")
+        + (f", P_s = {sizes.P_s:,}" if sizes.P_s != sizes.P else "")
+        + (
+            f", B = {sizes.B}, " + ("C >= 1" if lower else f"C = {sizes.C}")
+            if model in _USES_C
+            else ""
+        )
         + f"), more than the limit of {human(cap)} ({source}). "
-        + (f"Cheaper structures that fit: {', '.join(fits)}. " if fits else "")
+        + offer
         + f"Raise the limit with memory_limit=... or {ENV_VAR}=... (e.g. '64G'), or select "
         "fewer parameters (last_layer=True, subnetwork_indices, requires_grad=False)"
+        + (", or pass smaller batches" if "B" in model else "")
     )
 
 

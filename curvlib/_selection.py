@@ -43,13 +43,20 @@ def selected_params(module: nn.Module) -> dict[str, Tensor]:
 def check_params(
     model: nn.Module, module: nn.Module, params: list[Tensor], last_layer: bool
 ) -> None:
-    """Refuse half precision, mixed dtypes or devices, training-mode layers, and no parameters."""
+    """Refuse no parameters, the meta device, half precision, mixed dtypes or devices and
+    training-mode layers (:class:`InputError` naming the parameter or module)."""
     if not params:
         raise InputError(
             f"{type(model).__name__} has no parameters with requires_grad=True"
             + (" in its last layer" if last_layer else "")
         )
     ref = params[0]
+    if ref.is_meta:
+        raise InputError(
+            "the model's parameters are on the meta device (shapes without data), so there "
+            "is nothing to compute; materialize the model first, e.g. "
+            "model.to_empty(device='cpu') and load its weights"
+        )
     if ref.dtype in (torch.float16, torch.bfloat16):
         raise InputError(
             f"the model's parameters are {ref.dtype}; curvature is accumulated in the "

@@ -69,6 +69,10 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise CLIError(f"config file {path} cannot be read: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"config file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise CLIError(
+            f"config file {path} is not valid TOML: not UTF-8 text (byte {err.start})"
+        ) from None
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -169,10 +173,12 @@ def _demo_options(args: argparse.Namespace) -> dict[str, Any]:
         problems.append(f"laplace must be a table ([laplace]), got {lap!r}")
         lap = {}
 
-    def integer(key: str, low: int) -> Any:
+    def integer(key: str, low: int, high: int | None = None) -> Any:
         def check(value: Any) -> Any:
             if not (_is_int(value) and value >= low):
                 problems.append(f"{key} must be an integer >= {low}, got {value!r}")
+            elif high is not None and value > high:
+                problems.append(f"{key} must be an integer <= {high}, got {value!r}")
             return value
 
         return check
@@ -195,7 +201,7 @@ def _demo_options(args: argparse.Namespace) -> dict[str, Any]:
 
     # key -> (command-line value, default, check); the [laplace] keys are read from the file
     top = {
-        "seed": (args.seed, 0, integer("seed", 0)),
+        "seed": (args.seed, 0, integer("seed", 0, 2**64 - 1)),  # torch's generator seeds
         "out": (args.out, "curvlib-demo", folder),
         "steps": (args.steps, 300, integer("steps", 1)),
         "backends": (args.backend, list(backends), names("backends", backends)),

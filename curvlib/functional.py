@@ -17,7 +17,8 @@ has factor 1/2; :math:`a = 1` for cross-entropy):
   applied once: :math:`\sum_n g_n g_n^\top` for ``"sum"``, :math:`\frac1B \sum_n g_n
   g_n^\top` for the cross-entropy's ``"mean"``.
 
-Where the seed implementations differ, curvlib is right (see ``docs/matrix-free.md``):
+Where those libraries differ from these definitions, curvlib follows the definitions
+(see ``docs/matrix-free.md``):
 torch-secorder's "empirical Fisher diagonal" squares the gradient of the *batch* loss,
 :math:`(\sum_n g_n)^2`, not :math:`\sum_n g_n^2`; its "generalized Fisher diagonal" is not
 the Fisher's diagonal; its Gauss-Newton diagonal is :math:`\mathrm{diag}(J^\top J)` whatever

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from curvlib.errors import LikelihoodError, NonFiniteError, TargetError
+from curvlib.errors import InputError, LikelihoodError, NonFiniteError, TargetError
 
 __all__ = ["Likelihood", "Regression", "Classification", "get_likelihood", "LIKELIHOODS"]
 
@@ -158,7 +158,7 @@ class Likelihood(ABC):
         """
         if isinstance(generator, Sequence):
             if len(generator) != f.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"got {len(generator)} generators for a batch of {f.shape[0]}: pass one "
                     "generator, or one per data point"
                 )
@@ -201,8 +201,8 @@ class Likelihood(ABC):
         self, f: Tensor, num_samples: int, generator: Generators = None, y: Tensor | None = None
     ) -> Tensor:
         """MC Fisher cotangents ``(B, S, *f.shape[1:])``: sampled gradients over ``sqrt(S)``."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
         g = self.sample_grad_outputs(f, num_samples, generator) / math.sqrt(num_samples)
         return self._masked(g, f, y)
 

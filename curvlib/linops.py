@@ -1,7 +1,8 @@
 r"""Matrix-free curvature: the linear operator :math:`v \mapsto C v`, never forming ``C``.
 
 With :math:`f_n` the model output of sample ``n``, :math:`J_n = \partial f_n/\partial\theta`
-and the reported loss :math:`L = \sum_n \ell_n` (``factor * lossfunc``, DESIGN §3), the
+and the reported loss :math:`L = \sum_n \ell_n` (``factor * lossfunc``, see
+:mod:`curvlib.likelihood`), the
 products on a batch are
 
 * exact GGN: :math:`G v = \sum_n J_n^\top \Lambda(f_n) (J_n v)` — a Jacobian-vector product
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from curvlib import _autodiff
-from curvlib._inputs import batch_size, split_batch
+from curvlib._inputs import batch_size, check_generator, split_batch
 from curvlib.errors import CapabilityError, InputError
 
 __all__ = ["CurvatureOperator", "curvature_operator", "shared_matmat"]
@@ -96,6 +97,7 @@ class CurvatureOperator:
             raise InputError("pass either one batch (x, y) or a data set (data=DataLoader)")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        check_generator(generator, None)
         self.curv = curv
         self.curvature = "fisher" if getattr(curv, "stochastic", False) else name
         self.create_graph = bool(create_graph)
@@ -133,10 +135,14 @@ class CurvatureOperator:
 
     # -- data -----------------------------------------------------------------------------
     def _to_device(self, t: Any) -> Any:
-        return tree_map(lambda a: a.to(self.device) if isinstance(a, Tensor) else a, t)
+        # meta tensors stay where they are, so that the batch's check names them
+        return tree_map(
+            lambda a: a.to(self.device) if isinstance(a, Tensor) and not a.is_meta else a, t
+        )
 
     def _checked(self, x: Any, y: Tensor | None):
         """Validate one batch (the template's checks and one forward pass); its call."""
+        check_generator(self.generator, batch_size(x, self.curv.dict_key_x))
         call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
         with self.curv._hygiene(call):
             call.inp = self.curv._features(call)

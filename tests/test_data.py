@@ -374,11 +374,12 @@ def test_split_batch_rule():
 
 
 def _overflowing_problem():
-    """float32 regression whose batch 1 overflows the curvature (x^2 = 1e40) but not f."""
+    """float32 regression whose batch 1 overflows the curvature but not f: each x^2 =
+    2.25e38 is finite (larger inputs are refused before any work), their sum is not."""
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1e-20)
-    X = torch.tensor([[1.0], [2.0], [1e20], [3.0]])
+    X = torch.tensor([[1.0], [2.0], [1.5e19], [1.5e19]])
     return model, X, torch.zeros(4, 1)
 
 

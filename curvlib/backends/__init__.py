@@ -82,6 +82,13 @@ def register_backend(
             f"unknown curvature {curvature!r}; known curvatures: {list(CURVATURES)} (register "
             "'ggn', 'ef' or 'hessian'; fisher is the ggn class with stochastic=True)"
         )
+    own = getattr(cls, "backend_name", name) if not isinstance(cls, str) else name
+    if own != name and (capabilities is not None or not _capabilities.row(own, curvature)):
+        raise ValueError(
+            f"{cls.__name__}.backend_name is {cls.backend_name!r} but it is registered as "
+            f"{name!r}: set backend_name = {name!r} on the class (its capability rows are "
+            "looked up by that name)"
+        )
     if capabilities is None and not _capabilities.row(name, curvature):
         capabilities = _inherited_rows(_load(cls), curvature)
         if capabilities is None:

@@ -4,7 +4,8 @@ r"""Per-layer quantities from the rule table: K-FAC factors, per-sample products
 (:func:`coverage`), runs one recorded forward and one backward pass of the cotangents
 (:func:`~curvlib.kfac.capture.backprop_to_sites`), and turns the recorded sites into
 
-* :meth:`LayerPass.factors`: one Kron entry per parameter (the rule's factors; DESIGN §4);
+* :meth:`LayerPass.factors`: one Kron entry per parameter (the rule's factors, see
+  :mod:`curvlib.kfac.rules`);
 * :meth:`LayerPass.products`: :math:`V_{n,k} = J_n^\top c_{n,k}`, ``(B, K, P)``;
 * :meth:`LayerPass.squares`: :math:`\sum_{n,k} V_{n,k}^2`, ``(P,)``.
 
