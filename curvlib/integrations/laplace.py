@@ -17,10 +17,10 @@ Scaling
 laplace-torch's backends compute the curvature :math:`C_\ell` of the *unscaled* loss
 ``lossfunc`` (``MSELoss``/``CrossEntropyLoss`` with sum reduction) and multiply the result by
 ``factor`` (1/2 for regression, 1 for classification) once. curvlib returns the curvature
-:math:`C` of the reported loss ``factor * lossfunc`` (curvlib's conventions). For the GGN, MC Fisher and
-Hessian, which are linear in the loss, :math:`C = \text{factor}\, C_\ell`; the empirical
-Fisher is quadratic in it, :math:`C = \text{factor}^2 C_\ell`. So with ``p`` that power
-(:data:`LOSS_POWER`) the adapter returns
+:math:`C` of the reported loss ``factor * lossfunc`` (curvlib's conventions). For the GGN,
+MC Fisher and Hessian, which are linear in the loss, :math:`C = \text{factor}\, C_\ell`;
+the empirical Fisher is quadratic in it, :math:`C = \text{factor}^2 C_\ell`. So with ``p``
+that power (:data:`LOSS_POWER`) the adapter returns
 
 .. math:: C_{\text{laplace}} = \text{factor} \cdot C / \text{factor}^{p},
 
