@@ -348,6 +348,30 @@ def test_kron_N_normalisation(backend):
             torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kron_N_below_batch_size(backend, likelihood, N):
+    """laplace's backends accept N below the batch size (its tests use N=1 on a batch of
+    10): A = (1/N) sum over the batch. The adapter gives laplace's factors, and N times
+    the result is the batch's K-FAC with N = B scaled by B on A."""
+    _require_supported(backend, "ggn", "kron")
+    X, y = _data(likelihood)
+    X, y = X[:BATCH], y[:BATCH]
+    b = laplace_backend(backend, "ggn")(_model(), likelihood)
+    loss, K = b.kron(X, y, N=N)
+    loss_l, K_l = lc.CurvlinopsGGN(_model(), likelihood).kron(X, y, N=N)
+    torch.testing.assert_close(loss, loss_l)
+    for Fg, Fw in zip(K.kfacs, K_l.kfacs, strict=True):
+        for a, c in zip(Fg, Fw, strict=True):
+            torch.testing.assert_close(a, c, rtol=RTOL, atol=1e-12)
+    _, K_B = b.kron(X, y, N=BATCH)
+    for Fn, Fb in zip(K.kfacs, K_B.kfacs, strict=True):
+        torch.testing.assert_close(Fn[0], Fb[0], rtol=1e-12, atol=0)
+        if len(Fn) == 2:
+            torch.testing.assert_close(Fn[1], Fb[1] * (BATCH / N), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("backend", BACKENDS)
