@@ -11,6 +11,7 @@ regression, GGN and EF (laplace's EF scaling of regression included).
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 
 import pytest
@@ -222,26 +223,50 @@ def test_kron_damping_factors_match(backend, likelihood):
         )
 
 
+MARGLIK = [
+    ("regression", "kron", "ggn"),
+    ("classification", "diag", "ggn"),
+    ("classification", "kron", "ef"),
+]
+
+
+@functools.cache
+def _marglik_run(backend, likelihood: str, structure: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la, model, margliks, losses = marglik_training(
+            _model(),
+            _loader(likelihood),
+            likelihood=likelihood,
+            hessian_structure=structure,
+            backend=backend,
+            n_epochs=3,
+            n_hypersteps=3,
+        )
+    X = _data(likelihood, seed=5)[0][:6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = _flat(la(X, pred_type="glm"))
+    return {
+        "margliks": [torch.tensor(margliks)],
+        "losses": [torch.tensor(losses)],
+        "prior": [torch.as_tensor(la.prior_precision).detach()],
+        "params": [torch.nn.utils.parameters_to_vector(model.parameters()).detach()],
+        "glm": [t.detach() for t in pred],
+    }
+
+
+@pytest.mark.parametrize("likelihood, structure, curvature", MARGLIK)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_marglik_training(backend):
-    """marglik_training passes no backend kwargs; it must run and match laplace's numbers."""
-    _require_supported(backend, "ggn", "kron")
-    results = []
-    for B in (lc.CurvlinopsGGN, laplace_backend(backend, "ggn")):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            la, _, margliks, losses = marglik_training(
-                _model(),
-                _loader("regression"),
-                likelihood="regression",
-                hessian_structure="kron",
-                backend=B,
-                n_epochs=3,
-                n_hypersteps=3,
-            )
-        results.append((torch.tensor(margliks), torch.tensor(losses), la.prior_precision))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=0)
+def test_marglik_training(backend, likelihood, structure, curvature):
+    """marglik_training passes no backend kwargs: the class alone must do. Margliks, losses,
+    the learnt prior, the trained weights and the predictive equal laplace's own backend's."""
+    _require_supported(backend, curvature, structure)
+    ref = getattr(lc, REFERENCE[(curvature, structure)])
+    _assert_close(
+        _marglik_run(laplace_backend(backend, curvature), likelihood, structure),
+        _marglik_run(ref, likelihood, structure),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +346,30 @@ def test_kron_N_normalisation(backend):
     for Ft, Ff in zip(total.kfacs, full.kfacs, strict=True):
         for a, c in zip(Ft, Ff, strict=True):
             torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kron_N_below_batch_size(backend, likelihood, N):
+    """laplace's backends accept N below the batch size (its tests use N=1 on a batch of
+    10): A = (1/N) sum over the batch. The adapter gives laplace's factors, and N times
+    the result is the batch's K-FAC with N = B scaled by B on A."""
+    _require_supported(backend, "ggn", "kron")
+    X, y = _data(likelihood)
+    X, y = X[:BATCH], y[:BATCH]
+    b = laplace_backend(backend, "ggn")(_model(), likelihood)
+    loss, K = b.kron(X, y, N=N)
+    loss_l, K_l = lc.CurvlinopsGGN(_model(), likelihood).kron(X, y, N=N)
+    torch.testing.assert_close(loss, loss_l)
+    for Fg, Fw in zip(K.kfacs, K_l.kfacs, strict=True):
+        for a, c in zip(Fg, Fw, strict=True):
+            torch.testing.assert_close(a, c, rtol=RTOL, atol=1e-12)
+    _, K_B = b.kron(X, y, N=BATCH)
+    for Fn, Fb in zip(K.kfacs, K_B.kfacs, strict=True):
+        torch.testing.assert_close(Fn[0], Fb[0], rtol=1e-12, atol=0)
+        if len(Fn) == 2:
+            torch.testing.assert_close(Fn[1], Fb[1] * (BATCH / N), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("structure", ["full", "diag"])
@@ -541,3 +590,164 @@ def test_frozen_parameters(backend, structure):
         {"P": [_precision(got, structure)], "lml": [got.log_marginal_likelihood()]},
         {"P": [_precision(la, structure)], "lml": [la.log_marginal_likelihood()]},
     )
+
+
+# --------------------------------------------------------------------------------------
+# differentiable predictives (enable_backprop), serialization
+# --------------------------------------------------------------------------------------
+def _input_gradients(la, likelihood: str) -> dict[str, list[torch.Tensor]]:
+    """GLM predictives at inputs that require grad, and their gradients w.r.t. the inputs."""
+    X = _data(likelihood, seed=5)[0][:6].clone().requires_grad_(True)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if likelihood == "regression":
+            preds = {"glm": la(X, pred_type="glm"), "joint": la(X, pred_type="glm", joint=True)}
+        else:
+            preds = {"probit": (la(X, pred_type="glm", link_approx="probit"),)}
+    for name, ts in preds.items():
+        grads = [torch.autograd.grad(t.square().sum(), X, retain_graph=True)[0] for t in ts]
+        assert all(bool(g.abs().sum() > 0) for g in grads), name  # the graph reaches X
+        out[name] = [t.detach() for t in ts] + grads
+    return out
+
+
+@functools.cache
+def _backprop_reference(likelihood: str, subset: str, structure: str):
+    la = _laplace(likelihood, subset, structure, lc.CurvlinopsGGN, enable_backprop=True)
+    return _input_gradients(la, likelihood)
+
+
+@pytest.mark.parametrize(
+    "backend, subset, structure",
+    [
+        (b, s, st)
+        for b in BACKENDS
+        for s, st in COMBOS
+        if s != "subnetwork" and _supported(b, "ggn", st)  # SubnetLaplace has no backprop
+    ],
+)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_backprop_input_gradient(backend, likelihood, subset, structure):
+    """With enable_backprop=True the GLM predictive (last-layer and all weights; diagonal,
+    joint and probit) is differentiable w.r.t. the input, and predictive and
+    input gradient equal laplace's own backend's. ASDL's Jacobians are not differentiable:
+    the adapter answers with curvlib's torch.func Jacobians there (also for the last layer).
+    """
+    la = _laplace(
+        likelihood, subset, structure, laplace_backend(backend, "ggn"), enable_backprop=True
+    )
+    _assert_close(
+        _input_gradients(la, likelihood), _backprop_reference(likelihood, subset, structure)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_layer_jacobians_backprop(backend):
+    """last_layer_jacobians(x, enable_backprop) against the dense Jacobian of the last layer
+    (torch.autograd.functional.jacobian), and its input gradient against laplace's own."""
+    from laplace.utils import FeatureExtractor
+
+    X = _data("classification")[0][:5]
+    model = FeatureExtractor(_model(), last_layer_name="2", enable_backprop=True)
+    b = laplace_backend(backend, "ggn")(model, "classification", last_layer=True)
+    ref = lc.CurvlinopsGGN(model, "classification", last_layer=True)
+    Js, f = b.last_layer_jacobians(X)
+    W, c = model.last_layer.weight, model.last_layer.bias
+    phi = model.forward_with_features(X)[1].detach()
+
+    def last(w, bias):
+        return phi @ w.T + bias
+
+    dW, dc = torch.autograd.functional.jacobian(last, (W.detach(), c.detach()))
+    want = torch.cat([dW.flatten(2), dc], dim=2)  # (B, C, P): f_n depends on phi_n only
+    torch.testing.assert_close(Js, want, rtol=1e-12, atol=1e-12)
+    assert not Js.requires_grad
+    Xg = X.clone().requires_grad_(True)
+    Js_b, f_b = b.last_layer_jacobians(Xg, enable_backprop=True)
+    Xr = X.clone().requires_grad_(True)
+    Js_r, f_r = ref.last_layer_jacobians(Xr, enable_backprop=True)
+    g_b = torch.autograd.grad(Js_b.square().sum() + f_b.sum(), Xg)[0]
+    g_r = torch.autograd.grad(Js_r.square().sum() + f_r.sum(), Xr)[0]
+    torch.testing.assert_close(Js_b, Js_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_b, g_r, rtol=1e-10, atol=1e-12)
+
+
+def _restored(state: dict, subset: str, structure: str, backend) -> object:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    extra = {"subnetwork_indices": SUBNET.clone()} if subset == "subnetwork" else {}
+    la = Laplace(
+        _model(),
+        "regression",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        backend=backend,
+        sigma_noise=SIGMA,
+        prior_precision=PRIOR,
+        **extra,
+    )
+    # laplace's Kron is a Python object: torch.load needs weights_only=False for it
+    la.load_state_dict(torch.load(buf, weights_only=False))
+    return la
+
+
+def _fitted_numbers(la, structure: str) -> dict[str, list[torch.Tensor]]:
+    X = _data("regression", seed=5)[0][:6]
+    f_mu, f_var = la(X, pred_type="glm")
+    return {
+        "precision": [_precision(la, structure).detach()],
+        "log_marglik": [la.log_marginal_likelihood().detach()],
+        "glm": [f_mu.detach(), f_var.detach()],
+    }
+
+
+@pytest.mark.parametrize("subset, structure", COMBOS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip(backend, subset, structure):
+    """A Laplace fitted with the adapter, saved and restored (with the adapter or with
+    laplace's own backend), gives the same posterior, marginal likelihood and predictive;
+    and a state dict of laplace's own backend restores into the adapter's Laplace."""
+    _require_supported(backend, "ggn", structure)
+    B = laplace_backend(backend, "ggn")
+    ref_cls = getattr(lc, REFERENCE[("ggn", structure)])
+    la = _laplace("regression", subset, structure, B)
+    want = _fitted_numbers(la, structure)
+    for target in (B, ref_cls):
+        _assert_close(
+            _fitted_numbers(_restored(la.state_dict(), subset, structure, target), structure), want
+        )
+    own = _laplace("regression", subset, structure, ref_cls)
+    _assert_close(
+        _fitted_numbers(_restored(own.state_dict(), subset, structure, B), structure),
+        _fitted_numbers(own, structure),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ella_checkpoint(backend):
+    """ELLA's checkpoint records the backend class (curvlib's qualname names the backend):
+    it restores into the same adapter with the same predictive, and laplace refuses it for
+    another backend."""
+    from laplace.baselaplace import ELLA
+
+    X, _ = _data("classification")
+    B = laplace_backend(backend, "ggn")
+
+    def ella(backend_cls):
+        return ELLA(
+            _model(), "classification", subsample_size=10, n_eigenvalues=5, backend=backend_cls
+        )
+
+    la = ella(B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.fit(_loader("classification"))
+    state = la.state_dict()
+    assert backend in state["backend_class"]
+    la2 = ella(B)
+    la2.load_state_dict(state)
+    torch.testing.assert_close(la2(X[:4]), la(X[:4]), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="backend_class"):
+        ella(lc.CurvlinopsGGN).load_state_dict(state)

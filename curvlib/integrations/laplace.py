@@ -17,11 +17,10 @@ Scaling
 laplace-torch's backends compute the curvature :math:`C_\ell` of the *unscaled* loss
 ``lossfunc`` (``MSELoss``/``CrossEntropyLoss`` with sum reduction) and multiply the result by
 ``factor`` (1/2 for regression, 1 for classification) once. curvlib returns the curvature
-:math:`C` of the reported loss ``factor * lossfunc`` (:mod:`curvlib.likelihood`). For the GGN,
-MC Fisher and
-Hessian, which are linear in the loss, :math:`C = \text{factor}\, C_\ell`; the empirical
-Fisher is quadratic in it, :math:`C = \text{factor}^2 C_\ell`. So with ``p`` that power
-(:data:`LOSS_POWER`) the adapter returns
+:math:`C` of the reported loss ``factor * lossfunc`` (curvlib's conventions). For the GGN,
+MC Fisher and Hessian, which are linear in the loss, :math:`C = \text{factor}\, C_\ell`;
+the empirical Fisher is quadratic in it, :math:`C = \text{factor}^2 C_\ell`. So with ``p``
+that power (:data:`LOSS_POWER`) the adapter returns
 
 .. math:: C_{\text{laplace}} = \text{factor} \cdot C / \text{factor}^{p},
 
@@ -36,11 +35,16 @@ over the two factors of a weight. Hence even the individual factors, which matte
 ``N``: ``kron(x, y, N)`` is curvlib's definition and laplace-torch's alike — summed over the
 batches of a data set of ``N`` points, ``A = (1/N) Σ a aᵀ``. laplace-torch's backends reach it
 by rescaling the second factor by ``M/N`` (``_rescale_kron_factors``); curvlib's ``kron``
-already returns it, so ``N`` is passed through and nothing is rescaled here.
+already returns it, so ``N`` is passed through and nothing is rescaled here. laplace-torch's
+backends also accept ``N`` below the batch size ``M`` (its tests call ``kron(X, y, N=1)`` on
+a batch of 10), which curvlib's ``kron`` refuses as a likely mistake; laplace's formula still
+defines the result, so for ``N < M`` the adapter computes with ``N = M`` and multiplies the
+factor that carries ``1/N`` (``A``) of each entry by ``M/N``, as laplace-torch's backends do.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -48,6 +52,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from curvlib._inputs import batch_size
 from curvlib.backends import CURVATURES, backend_class
 from curvlib.errors import CapabilityError, CurvlibError
 from curvlib.kron import Kron as CurvlibKron
@@ -117,6 +122,10 @@ _SET_BY_LAPLACE = (
 _CACHE: dict[Any, type] = {}
 
 
+#: 1-D (diagonal) factors up to this size become dense matrices for laplace-torch's Kron
+_DENSE_DIAG_MAX = 4096
+
+
 def to_laplace_kron(kron: CurvlibKron) -> LaplaceKron:
     """Copy a curvlib :class:`~curvlib.Kron` into a :class:`laplace.utils.matrix.Kron`.
 
@@ -135,6 +144,21 @@ def to_laplace_kron(kron: CurvlibKron) -> LaplaceKron:
     """
     if not isinstance(kron, CurvlibKron):
         raise TypeError(f"expected a curvlib.Kron, got {type(kron).__name__}")
+    for i, entry in enumerate(kron.kfacs):
+        if kron.groups[i] is not None:
+            raise CapabilityError(
+                f"Kron entry {i} is block-diagonal over groups (a grouped convolution), "
+                "which laplace-torch's Kron cannot represent; use hessian_structure='diag' "
+                "or 'full', or freeze that layer"
+            )
+        big = [F.numel() for F in entry if F.ndim == 1 and F.numel() > _DENSE_DIAG_MAX]
+        if big:
+            raise CapabilityError(
+                f"Kron entry {i} has a diagonal factor of {big[0]} entries (an embedding's "
+                "token counts or a large parameter's exact diagonal) that laplace-torch's "
+                f"Kron would store as a dense {big[0]}x{big[0]} matrix; freeze that "
+                "parameter (requires_grad=False) or use hessian_structure='diag'"
+            )
     kfacs = [
         [torch.diag(F.detach()) if F.ndim == 1 else F.detach().clone() for F in entry]
         for entry in kron.kfacs
@@ -280,8 +304,31 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
         return self.curvlib.functorch_jacobians(x, enable_backprop=enable_backprop)
 
     def last_layer_jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
-        """``(Js (B, C, P_last), f (B, C))`` w.r.t. the last layer's parameters."""
-        return self.curvlib.last_layer_jacobians(x, enable_backprop=enable_backprop)
+        """``(Js (B, C, P_last), f (B, C))`` w.r.t. the last layer's parameters.
+
+        With ``enable_backprop=True`` the features keep their graph to ``x`` (``LLLaplace``
+        differentiates the GLM predictive through them). A backend whose Jacobians are not
+        differentiable (it raises :class:`~curvlib.CapabilityError`, e.g. ASDL's) is then
+        answered by curvlib's torch.func Jacobians of the last layer, as in :meth:`jacobians`.
+        """
+        if not enable_backprop:
+            return self.curvlib.last_layer_jacobians(x)
+        try:
+            return self.curvlib.last_layer_jacobians(x, enable_backprop=True)
+        except CapabilityError:
+            return self._last_layer_curvlib().functorch_jacobians(x, enable_backprop=True)
+
+    def _last_layer_curvlib(self) -> Any:
+        """:attr:`curvlib` if it is a last-layer object, else a last-layer twin of it."""
+        if self.curvlib.last_layer and self.curvlib.subnetwork_indices is None:
+            return self.curvlib
+        return type(self.curvlib)(
+            self.model,
+            self.likelihood,
+            last_layer=True,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+        )
 
     def selected_output_jacobians(
         self, x: Any, outputs: Tensor, enable_backprop: bool = False
@@ -329,7 +376,9 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
         factors are scaled as laplace-torch's default backend scales them (module docstring)
         and are fresh tensors.
         """
-        loss, K = self.curvlib.kron(x, y, N=N, **kwargs)
+        B = _batch_size(x, self.dict_key_x)
+        below = B is not None and isinstance(N, numbers.Integral) and 0 < N < B
+        loss, K = self.curvlib.kron(x, y, N=B if below else N, **kwargs)
         if len(K) != len(self.params):
             raise CurvlibError(
                 f"{type(self.curvlib).__name__}.kron returned {len(K)} Kronecker entries for "
@@ -337,7 +386,23 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
                 "parameter tensor"
             )
         raw = K * (1.0 / self.factor**self._loss_power)  # curvature of the unscaled lossfunc
-        return loss, to_laplace_kron(raw) * self.factor
+        kron = to_laplace_kron(raw)
+        if below:  # laplace-torch's _rescale_kron_factors: A = (1/N) sum over the batch
+            from curvlib.kfac.compute import entry_specs
+
+            specs = entry_specs(self.curvlib.differentiated_module, self.curvlib.params)
+            for entry, (_, a) in zip(kron.kfacs, specs, strict=True):
+                if a is not None:  # the factor that carries 1/N (the layer rule says which)
+                    entry[a] *= B / int(N)
+        return loss, kron * self.factor
+
+
+def _batch_size(x: Any, dict_key_x: str) -> int | None:
+    """The batch size of ``x`` (``None`` if ``x`` is malformed: curvlib then says why)."""
+    try:
+        return batch_size(x, dict_key_x)
+    except CurvlibError:
+        return None
 
 
 def _accepted_options(cls: type) -> set[str]:
