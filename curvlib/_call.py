@@ -10,7 +10,7 @@ output-space square root, exact or sampled), the subnetwork selection and the re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from curvlib._inputs import check_generator, describe
 from curvlib.capabilities import Capability
 from curvlib.errors import CapabilityError, CurvlibError, InputError, NonFiniteError
 
-__all__ = ["Call"]
+__all__ = ["Call", "generator_state", "set_generator_state"]
 
 _UNSET: Any = object()
 
@@ -184,9 +184,36 @@ class Call:
         y = self.y if y is _UNSET else y
         return self.lik.loss(f.detach(), y).detach()
 
+    def generator_state(self) -> Any:
+        """The state of the MC draws' generator(s), to draw the same samples again."""
+        return generator_state(self.generator)
+
+    def restore_generator(self, state: Any) -> None:
+        """Put back the state :meth:`generator_state` read."""
+        set_generator_state(self.generator, state)
+
     def generator_slice(self, s: slice) -> Any:
         """The generator(s) of the data points ``s`` (one per point, or the shared one)."""
         from collections.abc import Sequence
 
         g = self.generator
         return g[s] if isinstance(g, Sequence) else g
+
+
+def generator_state(generator: Any) -> Any:
+    """The state of the MC draws' generator(s), to draw the same samples twice."""
+    if generator is None:
+        return None
+    if isinstance(generator, Sequence):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
+
+
+def set_generator_state(generator: Any, state: Any) -> None:
+    if generator is None:
+        return
+    if isinstance(generator, Sequence):
+        for g, st in zip(generator, state, strict=True):
+            g.set_state(st)
+    else:
+        generator.set_state(state)

@@ -24,7 +24,7 @@ last layer's with ``last_layer=True``; only ``subnetwork_indices`` of that vecto
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -560,25 +560,9 @@ class CurvatureInterface(CapabilityChecks):
 
     def _ekfac(self, call: Call):
         """The backend's K-FAC for the eigenbases, curvlib's per-layer products for ``s``."""
-        from curvlib.structured import ekfac_eigenvalues
-        from curvlib.structures import EKFAC, KronDecomposed
+        from curvlib.structured import ekfac
 
-        basis = call.options.get("basis")
-        if basis is None:
-            state = _generator_state(call.generator)
-            _, K = self._kron(call)
-            _set_generator_state(call.generator, state)  # the same MC draws for s
-            bases = K.decompose().eigenvectors
-        elif isinstance(basis, EKFAC):
-            bases = basis.eigenbases
-        elif isinstance(basis, KronDecomposed):
-            bases = basis.eigenvectors
-        else:
-            raise InputError(
-                f"basis must be an EKFAC or a KronDecomposed, got {type(basis).__name__}"
-            )
-        loss, s = ekfac_eigenvalues(self, call, bases)
-        return loss, EKFAC([list(b) for b in bases], s)
+        return ekfac(self, call)
 
     def _blocks(self, call: Call):
         """Blocks from the per-sample products of the curvature (per curvature class)."""
@@ -600,22 +584,3 @@ class CurvatureInterface(CapabilityChecks):
 
 # the curvatures subclass the interface; importable from here as before
 from curvlib.curvatures import EFInterface, GGNInterface, HessianInterface  # noqa: E402
-
-
-def _generator_state(generator: Any) -> Any:
-    """The state of the MC draws' generator(s), to draw the same samples twice."""
-    if generator is None:
-        return None
-    if isinstance(generator, Sequence):
-        return [g.get_state() for g in generator]
-    return generator.get_state()
-
-
-def _set_generator_state(generator: Any, state: Any) -> None:
-    if generator is None:
-        return
-    if isinstance(generator, Sequence):
-        for g, st in zip(generator, state, strict=True):
-            g.set_state(st)
-    else:
-        generator.set_state(state)

@@ -34,6 +34,7 @@ from curvlib._inputs import slice_batch
 from curvlib.errors import InputError
 
 __all__ = [
+    "ekfac",
     "layer_products",
     "product_chunks",
     "ekfac_eigenvalues",
@@ -155,6 +156,26 @@ def ekfac_eigenvalues(
             sums[i] = part if sums[i] is None else sums[i] + part
         loss = loss + part_loss
     return loss, sums
+
+
+def ekfac(curv: Any, call: Call):
+    """The backend's K-FAC for the eigenbases, curvlib's per-layer products for ``s``."""
+    from curvlib.structures import EKFAC, KronDecomposed
+
+    basis = call.options.get("basis")
+    if basis is None:
+        state = call.generator_state()
+        _, K = curv._kron(call)
+        call.restore_generator(state)  # the same MC draws for s
+        bases = K.decompose().eigenvectors
+    elif isinstance(basis, EKFAC):
+        bases = basis.eigenbases
+    elif isinstance(basis, KronDecomposed):
+        bases = basis.eigenvectors
+    else:
+        raise InputError(f"basis must be an EKFAC or a KronDecomposed, got {type(basis).__name__}")
+    loss, s = ekfac_eigenvalues(curv, call, bases)
+    return loss, EKFAC([list(b) for b in bases], s)
 
 
 def blocks_from_products(chunks, groups: list[tuple[str, list[int]]], sizes: list[int]):

@@ -59,13 +59,7 @@ from curvlib._call import Call
 from curvlib._checks import Records
 from curvlib._hygiene import preserved_model
 from curvlib.errors import CapabilityError, InputError
-from curvlib.interface import (
-    EFInterface,
-    GGNInterface,
-    HessianInterface,
-    _generator_state,
-    _set_generator_state,
-)
+from curvlib.interface import EFInterface, GGNInterface, HessianInterface
 from curvlib.kron import Kron
 
 __all__ = ["AsdlGGN", "AsdlEF", "AsdlHessian"]
@@ -292,14 +286,14 @@ class _AsdlFisher(_AsdlBase):
             shape, read = SHAPE_FULL, read_full
         else:
             shape, read = SHAPE_DIAG, lambda m, a: _read_diag(m, a, params)
-        state = _generator_state(call.generator)
+        state = call.generator_state()
         try:
             f, H, _ = self._run_fisher(call, shape, read)
         except _WeightSharing:
             # a layer on sequences: ASDL's makers would treat every location as a sample;
             # build the result from ASDL's (exact) per-sample products instead, with the
             # same MC draws (the generator is put back)
-            _set_generator_state(call.generator, state)
+            call.restore_generator(state)
             base = GGNInterface if self.curvature_name() == "ggn" else EFInterface
             return getattr(base, "_" + structure)(self, call)
         H = H * self._scale(call)

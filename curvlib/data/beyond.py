@@ -161,12 +161,12 @@ def _lowrank_rule():
         return out
 
     def call(curv: Any, x: Any, y: Any, B: int, kw: dict[str, Any]):
-        from curvlib.interface import _generator_state, _set_generator_state
+        from curvlib._call import generator_state, set_generator_state
 
         gen = kw.get("generator")
-        state = _generator_state(gen)
+        state = generator_state(gen)
         loss, d = curv.diag(x, y, generator=gen)
-        _set_generator_state(gen, state)  # the same MC draws for the sketch
+        set_generator_state(gen, state)  # the same MC draws for the sketch
         op = curv.operator(x, y, generator=gen)
         return loss, (op @ _sketch_matrix(curv, kw), d)
 
