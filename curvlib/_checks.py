@@ -368,7 +368,11 @@ class CapabilityChecks:
     @staticmethod
     def _finite(what: str, t: Tensor) -> None:
         """Step 6: a NaN or infinity in a result is an error, never a silent return."""
-        if t.is_meta or bool(torch.isfinite(t).all()):
+        if t.is_meta or t.numel() == 0:
+            return
+        # one reduction first (NaN and inf propagate through a sum); the elementwise check
+        # only when the sum is not finite (it may overflow although every entry is finite)
+        if bool(t.sum().isfinite()) or bool(torch.isfinite(t).all()):
             return
         raise NonFiniteError(
             f"the {what} contains NaN or infinite values although inputs, outputs and loss are "
@@ -385,8 +389,15 @@ class CapabilityChecks:
         if isinstance(result, Tensor):
             self._finite(what, result)
         else:  # a structure: every tensor of its state
-            for t in _tensors(result.state_dict()):
-                self._finite(what, t)
+            tensors = (
+                [f for fs in result.kfacs for f in fs]
+                if hasattr(result, "kfacs")
+                else _tensors(result.state_dict())
+            )
+            flags = [t.sum() for t in tensors if not t.is_meta and t.numel()]
+            if flags and not bool(torch.stack(flags).isfinite().all()):
+                for t in _tensors(result.state_dict()):
+                    self._finite(what, t)
         return loss.detach(), result
 
 

@@ -180,6 +180,9 @@ class CurvatureInterface(CapabilityChecks):
     @property
     def params_dict(self) -> dict[str, Tensor]:
         """Selected parameters by name, in ``parameters()`` order."""
+        now = self.__dict__.get("_params_now")
+        if now is not None:
+            return dict(now)
         return _selection.selected_params(self._model)
 
     @property
@@ -268,13 +271,18 @@ class CurvatureInterface(CapabilityChecks):
             state = torch.get_rng_state()
             seed = int(torch.randint(0, 2**62, (1,)).item())
             call.generator = torch.Generator().manual_seed(seed)
+        outer = self.__dict__.get("_params_now")
         try:
             with preserved_model(self.model), differentiable_kernels():
+                # the selection is fixed for the call (hooks read it many times)
+                self.__dict__["_params_now"] = self.params_dict
                 yield
         except BaseException:
             if state is not None:
                 torch.set_rng_state(state)
             raise
+        finally:
+            self.__dict__["_params_now"] = outer
 
     def _run(self, call: Call, hook) -> Any:
         """Steps 5–6 for the first part: the hook inside the hygiene context."""
