@@ -24,7 +24,8 @@ The loss is :math:`\sum_n \ell_n` (N counts data points, i.e. sequences). With
 (tied weights counted once, at its first name), in ``model.parameters()`` order, flattened
 row-major. Jacobians and gradients differentiate w.r.t. the model's own Parameter objects, so
 a module called twice or a weight shared by two modules needs no special handling; the
-Hessian swaps a flat θ in with ``torch.func.functional_call(strict=False, tie_weights=True)``
+Hessian swaps a flat θ in for every holder of each Parameter and puts the Parameters back
+(``torch.func.functional_call`` leaves plain tensors behind on a module registered twice),
 and is cross-checked against :func:`hessian_double_backward` (no swap).
 
 K-FAC definitions (DESIGN §4, §10): :func:`kfac` computes, for every trainable parameter of a
@@ -272,24 +273,43 @@ def _forward(model: nn.Module, x: Any) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ Hessian
+def _holders(model: nn.Module, params: list[Tensor]) -> list[list[tuple[nn.Module, str]]]:
+    """Per parameter every ``(module, attribute)`` holding it (a module registered twice
+    and tied weights included)."""
+    out: list[list[tuple[nn.Module, str]]] = [[] for _ in params]
+    index = {id(p): i for i, p in enumerate(params)}
+    for m in {id(m): m for _, m in model.named_modules(remove_duplicate=False)}.values():
+        for attr, p in m._parameters.items():
+            if p is not None and id(p) in index:
+                out[index[id(p)]].append((m, attr))
+    return out
+
+
 def hessian(
     model: nn.Module, x: Any, y: Tensor, likelihood: str, vectorize: bool = False
 ) -> Tensor:
     """``(P, P)`` by ``torch.autograd.functional.hessian`` of θ ↦ Σ_n ℓ_n (math attention).
 
-    θ is swapped in with ``torch.func.functional_call(strict=False, tie_weights=True)``
-    under the first name of each trainable Parameter; the other trainable-free parameters
-    and buffers stay the module's own.
+    θ is swapped in for every holder of each trainable Parameter (tied weights and modules
+    registered twice included), and the Parameters are put back afterwards.
     """
-    sel = trainable(model)
-    names = [n for n, _ in sel]
-    shapes = [p.shape for _, p in sel]
-    sizes = [p.numel() for _, p in sel]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in sel])
+    sel = [p for _, p in trainable(model)]
+    shapes = [p.shape for p in sel]
+    sizes = [p.numel() for p in sel]
+    theta = torch.cat([p.detach().reshape(-1) for p in sel])
+    holders = _holders(model, sel)
 
     def total(t: Tensor) -> Tensor:
-        params = {n: c.view(s) for n, c, s in zip(names, t.split(sizes), shapes, strict=True)}
-        f = torch.func.functional_call(model, params, (x,), strict=False, tie_weights=True)
+        values = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+        try:
+            for hs, v in zip(holders, values, strict=True):
+                for m, attr in hs:
+                    m._parameters[attr] = v
+            f = model(x)
+        finally:
+            for hs, p in zip(holders, sel, strict=True):
+                for m, attr in hs:
+                    m._parameters[attr] = p
         return sample_losses(likelihood, f, y).sum()
 
     with _math_attention():
@@ -540,14 +560,19 @@ def _owner_modules(model: nn.Module, names: list[str]) -> dict[str, tuple[str, n
     return out
 
 
-def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[LayerTerms | None]:
-    """Per-location inputs and output Jacobians of ``modules`` (``None``: never called).
+def _sub_batch(x: Any, B: int) -> Any:
+    """The first ``B - 1`` data points of ``x`` (a tensor or a dict of tensors)."""
+    if isinstance(x, dict):
+        return {
+            k: v[: B - 1] if isinstance(v, Tensor) and v.shape[:1] == (B,) else v
+            for k, v in x.items()
+        }
+    return x[: B - 1]
 
-    One forward pass with hooks (removed afterwards) that record each module's input and
-    pass on a copy of its output (so later in-place operations cannot change it); then one
-    backward pass per sample and flattened output. Raises for a module called twice, and
-    checks ``s_l = W̃_g a_l + b`` for every module.
-    """
+
+def _record_calls(model: nn.Module, x: Any, modules: list[nn.Module]) -> tuple[Tensor, dict]:
+    """One forward pass (with grad); per module its calls ``(input, output)``. Each hook
+    passes a copy of the output on, so later in-place operations cannot change it."""
     records: dict[int, list] = {id(m): [] for m in modules}
 
     def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -561,48 +586,262 @@ def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[Laye
     finally:
         for h in handles:
             h.remove()
+    return f, records
+
+
+def _batch_dims(model: nn.Module, x: Any, modules: list[nn.Module], records: dict, B: int):
+    """Per module and call the dimension holding the data points, or ``None`` (a tensor
+    shared by all of them): the dimension of the call's input and output that shrinks
+    by one when the model runs on the first ``B - 1`` data points (``B > 1``)."""
+    if B == 1:  # one data point: a leading dimension of size 1 is its own, else shared
+        return {
+            id(m): [0 if i.shape[:1] == o.shape[:1] == (1,) else None for i, o in records[id(m)]]
+            for m in modules
+        }
+    with torch.no_grad():
+        _, sub = _record_calls(model, _sub_batch(x, B), modules)
+    out = {}
+    for m in modules:
+        calls, small = records[id(m)], sub[id(m)]
+        if len(calls) != len(small):
+            raise ValueError(
+                f"K-FAC reference: {type(m).__name__} runs a data-dependent number of times"
+            )
+        dims = []
+        for (inp, o), (inp_s, o_s) in zip(calls, small, strict=True):
+            found = [
+                d
+                for d in range(o.ndim)
+                if o.shape[d] == B
+                and o_s.shape[d] == B - 1
+                and inp.ndim > d
+                and inp.shape[d] == B
+                and inp_s.shape[d] == B - 1
+            ]
+            if len(found) > 1:
+                raise ValueError(f"K-FAC reference: several batch dimensions {found}")
+            dims.append(found[0] if found else None)
+        out[id(m)] = dims
+    return out
+
+
+def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[LayerTerms | None]:
+    """Per-location inputs and output Jacobians of ``modules`` (``None``: never called).
+
+    One forward pass with hooks (removed afterwards) that record each call's input and
+    output, and one on ``B - 1`` data points that finds each call's batch dimension
+    (:func:`_batch_dims`; a call without one, such as a position embedding computed once,
+    is shared by every data point); then one backward pass per sample and flattened output.
+    A module called several times contributes the locations of every call (weight
+    sharing). Checks ``s_l = W̃_g a_l + b`` for every call.
+    """
+    f, records = _record_calls(model, x, modules)
     B = f.shape[0]
     ff = f.reshape(B, -1)
     K = ff.shape[1]
-    called = []
-    for m in modules:
-        if len(records[id(m)]) > 1:
-            raise ValueError(f"K-FAC reference: {type(m).__name__} called more than once")
-        called.append(bool(records[id(m)]))
-    outs = [records[id(m)][0][1] for m, c in zip(modules, called, strict=True) if c]
-    per_layer = [[[None] * K for _ in range(B)] for _ in outs]
-    for n in range(B):
+    bdims = _batch_dims(model, x, modules, records, B)
+    outs = [o for m in modules for _, o in records[id(m)]]
+    per_call: list[list[list[Tensor]]] = [[[] for _ in range(B)] for _ in outs]
+    for n in range(B if outs else 0):
         for k in range(K):
             grads = torch.autograd.grad(ff[n, k], outs, retain_graph=True, allow_unused=True)
-            for i, g in enumerate(grads):
-                row = n if outs[i].shape[0] == B else 0  # an output broadcast over the batch
-                per_layer[i][n][k] = torch.zeros_like(outs[i][row]) if g is None else g[row]
+            for i, (g, o) in enumerate(zip(grads, outs, strict=True)):
+                per_call[i][n].append(torch.zeros_like(o) if g is None else g)
     result, i = [], 0
-    for m, c in zip(modules, called, strict=True):
-        if not c:
+    for m in modules:
+        calls = records[id(m)]
+        if not calls:
             result.append(None)
             continue
-        inp, s = records[id(m)][0]
-        s = s.detach()
-        if s.shape[0] != B:  # computed once for the batch (position embeddings): each
-            if s.shape[0] != 1:  # sample sees the same input
-                raise ValueError(f"K-FAC reference: {type(m).__name__} output {tuple(s.shape)}")
-            inp, s = inp.expand(B, *inp.shape[1:]), s.expand(B, *s.shape[1:])
-        a, groups = _inputs_per_location(m, inp, s)
-        Js = torch.stack([torch.stack(per_layer[i][n]) for n in range(B)])  # (B, K, *s[1:])
-        s_loc = _out_per_location(m, s)
-        J = _out_per_location(m, Js.flatten(0, 1)).reshape(B, K, *s_loc.shape[1:])
+        a_parts, J_parts = [], []
+        for (inp, s), d in zip(calls, bdims[id(m)], strict=True):
+            s = s.detach()
+            g = torch.stack([torch.stack(per_call[i][n]) for n in range(B)])  # (B, K, *s)
+            i += 1
+            if d is None:  # shared by the batch: every sample sees the same input
+                lead = s.shape[0] == 1 and inp.shape[0] == 1
+                inp = inp if lead else inp.unsqueeze(0)
+                s1 = s if lead else s.unsqueeze(0)
+                inp, s = inp.expand(B, *inp.shape[1:]), s1.expand(B, *s1.shape[1:])
+                g = g.squeeze(2) if lead else g
+            else:  # the n-th slice along d is sample n's
+                inp, s = inp.movedim(d, 0), s.movedim(d, 0)
+                g = g.movedim(d + 2, 2)
+                g = torch.stack([g[n, :, n] for n in range(B)])  # (B, K, *s[1:])
+            a, groups = _inputs_per_location(m, inp, s)
+            s_loc = _out_per_location(m, s)
+            J = _out_per_location(m, g.flatten(0, 1)).reshape(B, K, *s_loc.shape[1:])
+            W = m.weight
+            lin = _linear_weights(m, W.detach())
+            recon = torch.cat([a_g @ w.T for a_g, w in zip(a, lin, strict=True)], dim=-1)
+            if getattr(m, "bias", None) is not None:
+                recon = recon + m.bias.detach()
+            if not torch.allclose(recon, s_loc, rtol=1e-10, atol=1e-10):
+                raise AssertionError(f"K-FAC reference: s = W a + b fails for {type(m).__name__}")
+            a_parts.append(a)
+            J_parts.append(J)
+        a = [torch.cat([p[j] for p in a_parts], dim=1) for j in range(len(a_parts[0]))]
+        J = torch.cat(J_parts, dim=2)
         W = m.weight
-        lin = _linear_weights(m, W.detach())
         index = _linear_weights(m, torch.arange(W.numel()).view(W.shape))
-        recon = torch.cat([a_g @ w.T for a_g, w in zip(a, lin, strict=True)], dim=-1)
-        if getattr(m, "bias", None) is not None:
-            recon = recon + m.bias.detach()
-        if not torch.allclose(recon, s_loc, rtol=1e-10, atol=1e-10):
-            raise AssertionError(f"K-FAC reference: s = W a + b fails for {type(m).__name__}")
         result.append(LayerTerms(a, J, groups, index))
-        i += 1
     return result
+
+
+# ------------------------------------------------------------------------------ attention
+def _attention_params(model: nn.Module) -> dict[int, tuple[nn.MultiheadAttention, str]]:
+    """``id(param) -> (attention module, name)`` for every ``nn.MultiheadAttention``
+    parameter with a K-FAC definition (its projections; ``out_proj.*`` included)."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in (
+                "in_proj_weight",
+                "in_proj_bias",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+            ):
+                p = m._parameters.get(attr)
+                if p is not None:
+                    out[id(p)] = (m, attr)
+            for attr in ("weight", "bias"):
+                p = m.out_proj._parameters.get(attr)
+                if p is not None:
+                    out[id(p)] = (m, "out_proj." + attr)
+    return out
+
+
+def attention_forward(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    record: Any = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` written out (batched inputs, eval, no masks).
+
+    The maps linear in the weights are explicit tensors, each passed through
+    ``record(name, a (B, L, in), s (B, L, out)) -> s``: ``"in"`` (the packed projection of
+    self-attention, query is key is value), else ``"q"``, ``"k"``, ``"v"``; then ``"out"``.
+    """
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise NotImplementedError("reference attention: masks are not implemented")
+    if mha.bias_k is not None or mha.add_zero_attn or query.dim() != 3:
+        raise NotImplementedError("reference attention: bias_k/add_zero_attn/unbatched")
+    record = record or (lambda name, a, s: s)
+    same = query is key and key is value
+
+    def bf(t: Tensor) -> Tensor:
+        return t if mha.batch_first else t.transpose(0, 1)
+
+    xq, xk, xv = bf(query), bf(key), bf(value)
+    E, H = mha.embed_dim, mha.num_heads
+    d = E // H
+    b = mha.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else b.split(E)
+
+    def lin(t: Tensor, w: Tensor, bb: Tensor | None) -> Tensor:
+        out = torch.einsum("ble,oe->blo", t, w)
+        return out if bb is None else out + bb
+
+    if mha._qkv_same_embed_dim and same:
+        s = record("in", xq, lin(xq, mha.in_proj_weight, b))
+        sq, sk, sv = s.split(E, dim=-1)
+    else:
+        if mha._qkv_same_embed_dim:
+            wq, wk, wv = mha.in_proj_weight.split(E)
+        else:
+            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        sq = record("q", xq, lin(xq, wq, bq))
+        sk = record("k", xk, lin(xk, wk, bk))
+        sv = record("v", xv, lin(xv, wv, bv))
+    B, L, S = sq.shape[0], sq.shape[1], sk.shape[1]
+    qh = sq.reshape(B, L, H, d).transpose(1, 2)
+    kh = sk.reshape(B, S, H, d).transpose(1, 2)
+    vh = sv.reshape(B, S, H, d).transpose(1, 2)
+    w = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, H, L, S)
+    h = (w @ vh).transpose(1, 2).reshape(B, L, E)
+    o = record("out", h, lin(h, mha.out_proj.weight, mha.out_proj.bias))
+    weights = None
+    if need_weights:
+        weights = w.mean(1) if average_attn_weights else w
+    return bf(o), weights
+
+
+def attention_terms(model: nn.Module, x: Any, mha: nn.MultiheadAttention) -> dict:
+    """Per map of ``mha`` (:func:`attention_forward`): ``(a (B, L, in), J (B, K, L, out))``
+    with :math:`J_{nkl} = \\partial f_{nk} / \\partial s_{nl}`, from one forward pass with
+    the module's forward written out (checked against the module) and one backward pass per
+    sample and output."""
+    rec: dict[str, list] = {}
+
+    def record(name: str, a: Tensor, s: Tensor) -> Tensor:
+        rec.setdefault(name, []).append((a.detach(), s))
+        return s
+
+    def forward(*args, **kwargs):
+        return attention_forward(mha, *args, record=record, **kwargs)
+
+    mha.forward = forward
+    try:
+        with torch.enable_grad():
+            f = model(x)
+    finally:
+        del mha.forward
+    with torch.no_grad(), _math_attention():
+        f_module = model(x)
+    if not torch.allclose(f.detach(), f_module, rtol=1e-10, atol=1e-12):
+        raise AssertionError("reference attention differs from nn.MultiheadAttention")
+    if any(len(v) > 1 for v in rec.values()):
+        raise ValueError("K-FAC reference: MultiheadAttention called more than once")
+    names = list(rec)
+    outs = [rec[n][0][1] for n in names]
+    B = f.shape[0]
+    ff = f.reshape(B, -1)
+    J = {n: [] for n in names}
+    for i in range(B):
+        per = {n: [] for n in names}
+        for k in range(ff.shape[1]):
+            grads = torch.autograd.grad(ff[i, k], outs, retain_graph=True, allow_unused=True)
+            for n, g, o in zip(names, grads, outs, strict=True):
+                per[n].append(torch.zeros_like(o[i]) if g is None else g[i])
+        for n in names:
+            J[n].append(torch.stack(per[n]))
+    return {n: (rec[n][0][0], torch.stack(J[n])) for n in names}
+
+
+def _attention_block(terms: dict, mha: nn.MultiheadAttention, attr: str, M, N, approx):
+    """``(factors, index)`` of the K-FAC block of one attention parameter (KFACBlock)."""
+    E = mha.embed_dim
+
+    def GA(name: str) -> tuple[Tensor, Tensor]:
+        a, J = terms[name]
+        return _g_factor(J, M, approx), _a_factor(a, N, approx)
+
+    if attr.startswith("out_proj."):
+        G, A = GA("out")
+        if attr.endswith("bias"):
+            return [(G, None)], [torch.arange(E).unsqueeze(1)]
+        return [(G, A)], [torch.arange(E * E).view(E, E)]
+    if attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        w = mha._parameters[attr]
+        return [GA(attr[0])], [torch.arange(w.numel()).view(w.shape)]
+    packed = "in" in terms
+    if attr == "in_proj_bias":
+        if packed:
+            return [(GA("in")[0], None)], [torch.arange(3 * E).unsqueeze(1)]
+        rows = torch.arange(3 * E).unsqueeze(1)
+        return [(GA(n)[0], None) for n in "qkv"], [rows[i * E : (i + 1) * E] for i in range(3)]
+    index = torch.arange(3 * E * E).view(3 * E, E)
+    if packed:
+        return [GA("in")], [index]
+    return [GA(n) for n in "qkv"], [index[i * E : (i + 1) * E] for i in range(3)]
 
 
 @dataclass
@@ -670,14 +909,17 @@ def kfac(
     Raises
     ------
     ValueError
-        A trainable parameter outside a layer with a K-FAC definition, shared by two
-        modules, or a layer called twice.
+        A trainable parameter outside a layer with a K-FAC definition or shared by two
+        modules.
     """
     sel = trainable(model)
     if names is not None:
         by_name = dict(sel)
         sel = [(n, by_name[n]) for n in names]
     names = [n for n, _ in sel]
+    attn = _attention_params(model)
+    attn_names = [n for n, p in sel if id(p) in attn]
+    names = [n for n in names if n not in attn_names]
     owners = _owner_modules(model, names)
     hf_conv1d = _conv1d_type()
     types = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd) + (
@@ -701,7 +943,16 @@ def kfac(
         else:
             raise ValueError(f"curvature must be 'ggn' or 'ef' (or pass M), got {curvature!r}")
     blocks = []
+    attn_terms: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
     for name, p in sel:
+        if name in attn_names:
+            mha, attr = attn[id(p)]
+            if id(mha) not in attn_terms:
+                attn_terms[id(mha)] = attention_terms(model, x, mha)
+            factors, index = _attention_block(attn_terms[id(mha)], mha, attr, M, N, approx)
+            kind = "bias" if attr.endswith("bias") else "weight"
+            blocks.append(KFACBlock(name, kind, "", factors, index, p.numel()))
+            continue
         path, mod, attr = owners[name]
         t = terms[id(mod)]
         index = _linear_weights(mod, torch.arange(mod.weight.numel()).view(mod.weight.shape))

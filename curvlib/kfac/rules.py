@@ -570,3 +570,6 @@ for _t in (
     nn.modules.instancenorm._InstanceNorm,
 ):
     register_kfac_rule(_t, NormRule())
+
+# nn.MultiheadAttention's rule lives in its own module, which imports this one
+from curvlib.kfac import attention as _attention  # noqa: E402, F401
