@@ -380,6 +380,24 @@ def _backpack(curvature: str) -> dict[str, Capability]:
 
 
 def _asdl(curvature: str) -> dict[str, Capability]:
+    import torch
+
+    def embedding_float32(m: nn.Module, owns: bool) -> str:
+        if owns and isinstance(m, nn.Embedding) and m.weight.dtype != torch.float32:
+            return (
+                f"its weight is {m.weight.dtype}: asdfghjkl 0.1a4 allocates Embedding's "
+                "per-sample gradients in float32"
+            )
+        return ""
+
+    def not_out_proj(m: nn.Module, owns: bool) -> str:
+        if owns and isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return (
+                "it is the out_proj of a MultiheadAttention, which uses its weights "
+                "functionally: ASDL's hooks never see it"
+            )
+        return ""
+
     base = Capability(
         memory="BCP",
         modules=ASDL_MODULES,
@@ -391,6 +409,8 @@ def _asdl(curvature: str) -> dict[str, Capability]:
             ASDL_CONV,
             ASDL_NORM,
             NO_FULL_BACKWARD_HOOKS,
+            Constraint("embedding_float32", embedding_float32),
+            Constraint("not_attention_out_proj", not_out_proj),
         ),
         note="OP_BATCH_GRADS",
     )

@@ -76,8 +76,16 @@ _HESSIAN_ATTRS = {
 }
 
 
-class _WeightSharing(Exception):
-    """Raised inside the forward pass: a layer is applied to a sequence."""
+class _Fallback(Exception):
+    """Raised inside the forward pass: ASDL's dense and diagonal makers would be wrong."""
+
+
+class _WeightSharing(_Fallback):
+    """A layer is applied to a sequence (ASDL would treat every location as a sample)."""
+
+
+class _NotRun(_Fallback):
+    """A module owning selected parameters never ran (ASDL has no result for it)."""
 
 
 def _shared_locations(module: nn.Module, inp: Tensor) -> int:
@@ -143,7 +151,11 @@ class _AsdlBase:
                     h.remove()
             self._dynamic_check(call, records, f)
             for _, m in mods:
-                a = records.calls[id(m)][0].inp if records.calls.get(id(m)) else None
+                if not records.calls.get(id(m)):
+                    if shared == "raise":
+                        raise _NotRun()
+                    continue  # absent from L: its parameters' results are zero
+                a = records.calls[id(m)][0].inp
                 locations[id(m)] = 1 if a is None else _shared_locations(m, a)
                 if shared == "raise" and locations[id(m)] > 1:
                     raise _WeightSharing()
@@ -159,7 +171,7 @@ class _AsdlBase:
         B = call.B
         mods = [m for _, m in self._owners()]
         params = self.params
-        with self._session(), self._checked_forward(call, y, shared="keep") as (model_fn, _):
+        with self._session(), self._checked_forward(call, y, shared="keep") as (model_fn, L):
             with extend(self._model, OP_BATCH_GRADS) as cxt:
                 with torch.enable_grad():
                     f = model_fn(call.inp)
@@ -178,6 +190,10 @@ class _AsdlBase:
                     for m in mods:
                         for name, g in (cxt.batch_grads(m) or {}).items():
                             per_param[id(getattr(m, name))] = g.reshape(B, -1, g[0].numel()).sum(1)
+                    for m in mods:  # a module that never ran: zero products
+                        if id(m) not in L:
+                            for p in m.parameters(recurse=False):
+                                per_param[id(p)] = p.new_zeros(B, p.numel())
                     rows.append(torch.cat([per_param[id(p)] for p in params], dim=1))
         return f.detach(), torch.stack(rows, dim=1)
 
@@ -289,10 +305,11 @@ class _AsdlFisher(_AsdlBase):
         state = _generator_state(call.generator)
         try:
             f, H, _ = self._run_fisher(call, shape, read)
-        except _WeightSharing:
-            # a layer on sequences: ASDL's makers would treat every location as a sample;
-            # build the result from ASDL's (exact) per-sample products instead, with the
-            # same MC draws (the generator is put back)
+        except _Fallback:
+            # a layer on sequences (ASDL's makers would treat every location as a sample)
+            # or one that never ran (they have no result for it): the result from ASDL's
+            # (exact) per-sample products instead, with the same MC draws (the generator
+            # is put back)
             _set_generator_state(call.generator, state)
             base = GGNInterface if self.curvature_name() == "ggn" else EFInterface
             return getattr(base, "_" + structure)(self, call)
@@ -312,24 +329,25 @@ class _AsdlFisher(_AsdlBase):
         Conv2d; the other selected parameters from curvlib's rule table in a second pass."""
         from asdl.matrices import SHAPE_KRON
 
-        if call.kfac_approx == "reduce":  # equal to expand only without weight sharing
-            convs = [p for p, m in self._owners() if isinstance(m, nn.Conv2d)]
-            if convs:
-                raise self._reduce_error(f"convolutions {convs}")
-            try:
-                with self._session(), self._checked_forward(call, call.y, "raise") as (fn, _):
-                    with torch.no_grad():
-                        fn(call.inp)
-            except _WeightSharing:
-                raise self._reduce_error("layers applied to sequences") from None
         native = [(p, m) for p, m in self._owners() if not call.cap.refusal(m, True)]
         native_ids = {id(m) for _, m in native}
+        if call.kfac_approx == "reduce":  # equal to expand only without weight sharing
+            # (the layers curvlib's rules compute follow kfac_approx themselves)
+            convs = [p for p, m in native if isinstance(m, nn.Conv2d)]
+            if convs:
+                raise self._reduce_error(f"convolutions {convs}")
+            with self._session(), self._checked_forward(call, call.y, "keep") as (fn, locs):
+                with torch.no_grad():
+                    fn(call.inp)
+            shared = [p for p, m in native if locs.get(id(m), 1) > 1]
+            if shared:
+                raise self._reduce_error(f"layers applied to sequences {shared}")
 
         def read(model: nn.Module, attr: str) -> dict[int, tuple[Tensor, Tensor | None]]:
             return {
                 id(m): (getattr(m, attr).kron.B, getattr(m, attr).kron.A)
                 for _, m in native
-                if getattr(m, attr, None) is not None
+                if getattr(getattr(m, attr, None), "kron", None) is not None
             }
 
         ignore = [m for m in self._model.modules() if id(m) not in native_ids]
@@ -344,8 +362,8 @@ class _AsdlFisher(_AsdlBase):
         }
         entries: dict[int, list[Tensor]] = {}
         for p in self.params:
-            if id(p) not in owner:
-                continue
+            if id(p) not in owner or id(owner[id(p)][0]) not in L:
+                continue  # not native, or never ran (zero entries from the rule table)
             m, kind = owner[id(p)]
             G, A = factors[id(m)]
             if kind == "weight":
@@ -444,26 +462,63 @@ class AsdlHessian(_AsdlBase, HessianInterface):
         dummy = hm.setup_model_call(model_fn, inp)
         hm.setup_loss_call(self.lik.loss, dummy, y)
 
+    def _used(self, call: Call) -> tuple[list[bool], Tensor]:
+        """Per selected parameter, whether the loss depends on it (ASDL's double backward
+        fails for one it does not depend on; its Hessian rows are zero); and the loss."""
+        with torch.enable_grad():
+            loss = self.lik.loss(call.forward(), call.y)
+        if not loss.requires_grad:
+            return [False] * len(self.params), loss.detach()
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [g is not None for g in grads], loss.detach()
+
+    def _used_only(self, call: Call) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Freeze (for the session) the parameters the loss does not depend on; returns the
+        others, their positions in the flat parameter vector, and the loss."""
+        params = self.params
+        used, loss = self._used(call)
+        sizes = [p.numel() for p in params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        idx = [
+            torch.arange(st, st + n, device=p.device)
+            for p, st, n, u in zip(params, starts, sizes, used, strict=True)
+            if u
+        ]
+        for p, u in zip(params, used, strict=True):
+            if not u:
+                p.requires_grad_(False)  # put back by the session
+        live = [p for p, u in zip(params, used, strict=True) if u]
+        return live, torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long), loss
+
     def _full(self, call: Call):
         from asdl.matrices import SHAPE_FULL
 
+        P, ref = self.num_params, self.params[0]
         with self._session():
-            hm = self._maker(SHAPE_FULL)
-            self._setup(hm, call, call.inp, call.y)
-            hm.forward_and_backward()
-            H = getattr(self._model, _HESSIAN_ATTRS["hessian_attr"]).data.clone()
-            loss = hm.loss.detach()
+            live, idx, loss = self._used_only(call)
+            H = ref.new_zeros(P, P)
+            if live:
+                hm = self._maker(SHAPE_FULL)
+                self._setup(hm, call, call.inp, call.y)
+                hm.forward_and_backward()
+                H_live = getattr(self._model, _HESSIAN_ATTRS["hessian_attr"]).data
+                H[idx[:, None], idx[None, :]] = H_live
+                loss = hm.loss.detach()
         return loss, call.select_full(H)
 
     def _diag(self, call: Call):
         from asdl.matrices import SHAPE_DIAG
 
+        P, ref = self.num_params, self.params[0]
         with self._session():
-            hm = self._maker(SHAPE_DIAG)
-            self._setup(hm, call, call.inp, call.y)
-            hm.forward_and_backward()
-            h = _read_diag(self._model, _HESSIAN_ATTRS["hessian_attr"], self.params)
-            loss = hm.loss.detach()
+            live, idx, loss = self._used_only(call)
+            h = ref.new_zeros(P)
+            if live:
+                hm = self._maker(SHAPE_DIAG)
+                self._setup(hm, call, call.inp, call.y)
+                hm.forward_and_backward()
+                h[idx] = _read_diag(self._model, _HESSIAN_ATTRS["hessian_attr"], live)
+                loss = hm.loss.detach()
         return loss, h
 
     def eig_lowrank(
