@@ -279,9 +279,10 @@ _ACT = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.LeakyReLU, nn.LogSigmo
 _SHAPE = (nn.Dropout, nn.Flatten, nn.ZeroPad2d)
 
 #: The module types BackPACK 1.7 handles, per extension (exact types).
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # eval mode (training is refused)
 BACKPACK_MODULES: Mapping[str, tuple[type[nn.Module], ...]] = {
-    "BatchGrad": (nn.Linear, *_CONV, *_CONV_T),
-    "DiagGGN": (nn.Linear, *_CONV, *_CONV_T, *_POOL, *_ACT, *_SHAPE, nn.Identity),
+    "BatchGrad": (nn.Linear, *_CONV, *_CONV_T, *_BN),
+    "DiagGGN": (nn.Linear, *_CONV, *_CONV_T, *_POOL, *_ACT, *_SHAPE, nn.Identity, *_BN),
     "KFLR": (
         nn.Linear,
         *_CONV,
@@ -339,14 +340,15 @@ def _backpack(curvature: str) -> dict[str, Capability]:
         memory="BCP",
         modules=BACKPACK_MODULES["BatchGrad"],
         exact_type=True,
-        dict_inputs=False,
+        dict_inputs=True,  # first-order: module hooks only
         positions=False,
         shared_parameters=False,
         differentiable=True,
         constraints=(ZERO_PADDING, NO_REGULAR_BACKWARD_HOOKS),
         note="BatchGrad",
     )
-    second = replace(first, leaves=True, chain=True, differentiable=False)
+    # second-order: BackPACK's module graph from the input tensor to the loss
+    second = replace(first, leaves=True, chain=True, differentiable=False, dict_inputs=False)
     rows = {
         "jacobians": first,
         "gradients": replace(first, memory="BP"),
