@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -129,7 +129,10 @@ def _vjps_vmap(fn, params, inp, cot, detach: bool) -> Tensor:
         grads = torch.func.vmap(vjp_fn)(cot_n)
         return torch.cat([g.flatten(1) for g in grads], dim=1)
 
-    return torch.func.vmap(single)(inp, cot)
+    # detached: no graph to the model's other parameters (those not in ``params``) either;
+    # the transforms inside compute their own derivatives regardless of the outer mode
+    with torch.no_grad() if detach else nullcontext():
+        return torch.func.vmap(single)(inp, cot)
 
 
 def _vjps_reverse(fn, params, inp, cot, detach: bool, batched: bool) -> Tensor:

@@ -1063,3 +1063,36 @@ def kron_rel_err(factors: list[Tensor], ref: list[Tensor]) -> float:
     if ny == 0:
         return math.sqrt(nx)
     return math.sqrt(max(nx + ny - 2 * xy, 0.0) / ny)
+
+
+def kron_blocks(
+    model: nn.Module,
+    x: Any,
+    y: Tensor,
+    likelihood: str,
+    curvature: str = "ggn",
+    approx: str = "expand",
+    N: int | None = None,
+) -> list[tuple[str, Tensor, str]]:
+    """Per trainable parameter ``(name, dense block, "kfac" | "exact")``: the K-FAC
+    definition (:func:`kfac`) where its layer has one, else the exact curvature block
+    :math:`\\sum_n J_n^\\top M_n J_n` restricted to it (normalization layers, bare
+    parameters, tied weights), which is what curvlib's K-FAC returns there."""
+    J, f = jacobians(model, x)
+    if curvature == "ggn":
+        M = output_hessians(f, y, likelihood)
+    elif curvature == "ef":
+        r = output_grads(f, y, likelihood)
+        M = r.unsqueeze(-1) * r.unsqueeze(-2)
+    else:
+        raise ValueError(f"curvature must be 'ggn' or 'ef', got {curvature!r}")
+    exact = torch.einsum("nkp,nkj,njq->pq", J, M, J)
+    out = []
+    for name, sl in param_index(model).items():
+        try:
+            (block,) = kfac(model, x, y, likelihood, M=M, approx=approx, N=N, names=[name])
+        except ValueError:
+            out.append((name, exact[sl, sl], "exact"))
+        else:
+            out.append((name, block.dense(), "kfac"))
+    return out
