@@ -268,3 +268,48 @@ def test_laplace_end_to_end_on_dict_batches(name, structure):
         warnings.simplefilter("ignore")
         pred_other = other(x, pred_type="glm", link_approx="probit")
     assert R.rel_err(pred, pred_other) < TOL
+
+
+# ------------------------------------------------- the autograd backend on any model
+ANY = (
+    "gru_cls",
+    "lstm_reg",
+    "mha_cls",
+    "encoder_bf_cls",
+    "encoder_sf_cls",
+    "called_twice_cls",
+    "tied_cls",
+    "gpt2_lora_cls",
+)
+
+
+@pytest.mark.parametrize("name", ANY)
+def test_autograd_handles_any_differentiable_model(name):
+    """RNNs (no vmap batching rule), attention (fused kernels without forward-mode or double
+    derivatives), a module called twice, tied weights, GPT-2 (data-dependent masks under
+    vmap): GGN full/diag/kron-free paths, Jacobians, the Hessian and the operators, to 1e-10;
+    the user's Parameter objects are the same afterwards."""
+    case, model, x, y = _case(name)
+    ref_model = case.ref_model(model)
+    lik = case.likelihood
+    before = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    J, f = R.jacobians(ref_model, x)
+    L = R.output_hessians(f, y, lik)
+    ggn = torch.einsum("nkp,nkj,njq->pq", J, L, J)
+    v = torch.randn(ggn.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ggn_curv = curvlib.AutogradGGN(model, lik)
+    assert R.rel_err(ggn_curv.full(x, y)[1], ggn) < TOL
+    assert R.rel_err(ggn_curv.diag(x, y)[1], torch.diagonal(ggn)) < TOL
+    assert R.rel_err(ggn_curv.jacobians(x)[0].reshape(J.shape), J) < TOL
+    assert R.rel_err(ggn_curv.operator(x, y) @ v, ggn @ v) < TOL
+    hess = curvlib.AutogradHessian(model, lik)
+    H = R.hvp(ref_model, x, y, lik, torch.eye(ggn.shape[0], dtype=torch.float64))
+    assert R.rel_err(hess.full(x, y)[1], H) < TOL
+    assert R.rel_err(hess.diag(x, y)[1], torch.diagonal(H)) < TOL
+    assert R.rel_err(hess.operator(x, y) @ v, H @ v) < TOL
+    after = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(p is q for (_, p), (_, q) in zip(before, after, strict=True))
+    if name == "called_twice_cls":
+        assert model[0].weight is model[2].weight
+        assert not hess.diag_is_ggn_diag()  # a module called twice: the shortcut is not exact
