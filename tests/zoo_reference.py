@@ -44,8 +44,14 @@ with :math:`M_n` = Λ_n (``"ggn"``), :math:`r_n r_n^\top` (``"ef"``, :math:`r_n 
 ``g`` with a "linear weight" ``W̃_g (out_g, r_g)`` that is a re-indexing of the stored
 weight; the block of the stored weight (row-major) is ``G_g ⊗ A_g`` placed at the stored
 indices of ``W̃_g`` (block-diagonal over groups; for Embedding and HF Conv1D the stored block
-is ``A ⊗ G``). A bias has the one factor ``G`` (all output channels). The reference checks
-``s_l = W̃ a_l + b`` on every call, so its patches are tested on every use.
+is ``A ⊗ G``). A transposed convolution is a map per *input* location, ``c_l = W_g^T x_l``
+(``out_g·k`` entries scattered over the output), so its stored weight ``(in, out/g, *k)``
+is ``W̃_g^T`` and its block ``A ⊗ G``; its bias is added at the output locations. A bias has
+the one factor ``G`` (all output channels; block-diagonal over the groups of a grouped
+convolution, like its weight). The reference checks ``s_l = W̃ a_l + b`` (for a transposed
+convolution ``s = col2im(c) + b``, by loops) on every call, so its patches are tested on
+every use. Attention (:func:`attention_forward`) is written out, with its projections
+as explicit Linear maps.
 """
 
 from __future__ import annotations
@@ -435,10 +441,9 @@ def _linear_weights(module: nn.Module, W: Tensor) -> list[Tensor]:
         return [W.T]  # stored (V, D): s = W^T onehot
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         g = module.groups
-        in_g = W.shape[0] // g  # stored (in, out/g, *k)
-        return [
-            W[i * in_g : (i + 1) * in_g].transpose(0, 1).reshape(W.shape[1], -1) for i in range(g)
-        ]
+        in_g = W.shape[0] // g  # stored (in, out/g, *k): per input location l the column
+        # c_l = W_g^T x_l (out/g * k entries) is scattered over the output (col2im)
+        return [W[i * in_g : (i + 1) * in_g].reshape(in_g, -1).T for i in range(g)]
     if isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
         out_g = W.shape[0] // g  # stored (out, in/g, *k)
@@ -504,12 +509,17 @@ class LayerTerms:
         Output channels of each group.
     index : list of Tensor
         Per group, ``(out_g, r_g)`` stored flat indices of the weight.
+    J_bias : Tensor or None
+        ``(B, K, L_out, C_out)`` for a transposed convolution, whose weight is a map per
+        input location (``a`` the input pixel, ``J`` the output cotangents it reaches) and
+        whose bias is added at the output locations.
     """
 
     a: list[Tensor]
     J: Tensor
     groups: list[slice]
     index: list[Tensor]
+    J_bias: Tensor | None = None
 
 
 def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[list, list]:
@@ -524,6 +534,13 @@ def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[l
         if module.padding_idx is not None:
             oh[..., module.padding_idx] = 0  # the padding row gets no gradient
         return [oh], [slice(0, module.embedding_dim)]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        g = module.groups
+        a = inp.reshape(B, inp.shape[1], -1).transpose(1, 2)  # (B, L_in, C_in)
+        in_g, cols = inp.shape[1] // g, out.shape[1] // g * math.prod(module.kernel_size)
+        return [a[..., i * in_g : (i + 1) * in_g] for i in range(g)], [
+            slice(i * cols, (i + 1) * cols) for i in range(g)
+        ]
     if isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
         c_in = inp.shape[1]
@@ -534,6 +551,39 @@ def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[l
         a = [patches[:, :, i * in_g : (i + 1) * in_g].flatten(2) for i in range(g)]
         return a, [slice(i * out_g, (i + 1) * out_g) for i in range(g)]
     raise ValueError(f"no K-FAC definition for {type(module).__name__}")
+
+
+def _transpose_offsets(module: nn.modules.conv._ConvTransposeNd, in_spatial, out_spatial):
+    """``(input location, κ, output position)`` for every pair that meets inside the output:
+    ``o = i·stride − pad + κ·dilation``."""
+    k, st, dil, pad = module.kernel_size, module.stride, module.dilation, module.padding
+    locs = list(itertools.product(*[range(n) for n in in_spatial]))
+    for li, i in enumerate(locs):
+        for kap in itertools.product(*[range(kk) for kk in k]):
+            o = [i[d] * st[d] - pad[d] + kap[d] * dil[d] for d in range(len(k))]
+            if all(0 <= o[d] < out_spatial[d] for d in range(len(k))):
+                yield li, kap, o
+
+
+def _transpose_columns(module: nn.modules.conv._ConvTransposeNd, g: Tensor, in_spatial) -> Tensor:
+    """``(M, L_in, C_out * k)``: per input location and kernel offset κ the entry of
+    ``g (M, C_out, *out)`` at the output position it reaches (0 if none), ordered
+    (channel, κ) like the stored weight's ``(out/g, *k)`` (by loops)."""
+    M, C = g.shape[:2]
+    L = math.prod(in_spatial)
+    out = torch.zeros(M, L, C, *module.kernel_size, dtype=g.dtype)
+    for li, kap, o in _transpose_offsets(module, in_spatial, g.shape[2:]):
+        out[(slice(None), li, slice(None), *kap)] = g[(slice(None), slice(None), *o)]
+    return out.reshape(M, L, -1)
+
+
+def _col2im(module: nn.modules.conv._ConvTransposeNd, cols: Tensor, in_spatial, out_shape):
+    """The output ``(C_out, *out)`` without bias from the columns ``(L_in, C_out * k)``."""
+    out = torch.zeros(*out_shape, dtype=cols.dtype)
+    c = cols.reshape(cols.shape[0], out_shape[0], *module.kernel_size)
+    for li, kap, o in _transpose_offsets(module, in_spatial, out_shape[1:]):
+        out[(slice(None), *o)] += c[(li, slice(None), *kap)]
+    return out
 
 
 def _out_per_location(module: nn.Module, s: Tensor) -> Tensor:
@@ -653,7 +703,7 @@ def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[Laye
         if not calls:
             result.append(None)
             continue
-        a_parts, J_parts = [], []
+        a_parts, J_parts, Jb_parts = [], [], []
         for (inp, s), d in zip(calls, bdims[id(m)], strict=True):
             s = s.detach()
             g = torch.stack([torch.stack(per_call[i][n]) for n in range(B)])  # (B, K, *s)
@@ -674,8 +724,18 @@ def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[Laye
             W = m.weight
             lin = _linear_weights(m, W.detach())
             recon = torch.cat([a_g @ w.T for a_g, w in zip(a, lin, strict=True)], dim=-1)
-            if getattr(m, "bias", None) is not None:
-                recon = recon + m.bias.detach()
+            bias = m.bias.detach() if getattr(m, "bias", None) is not None else 0.0
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                # weight: a map per input location; bias: at the output locations
+                Jb_parts.append(J)
+                cols = _transpose_columns(m, g.flatten(0, 1), inp.shape[2:])
+                J = cols.reshape(B, K, *cols.shape[1:])
+                recon = torch.stack(
+                    [_col2im(m, recon[n], inp.shape[2:], s.shape[1:]) for n in range(B)]
+                )
+                recon, s_loc = _out_per_location(m, recon), s_loc - bias
+            else:
+                recon = recon + bias
             if not torch.allclose(recon, s_loc, rtol=1e-10, atol=1e-10):
                 raise AssertionError(f"K-FAC reference: s = W a + b fails for {type(m).__name__}")
             a_parts.append(a)
@@ -684,7 +744,8 @@ def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[Laye
         J = torch.cat(J_parts, dim=2)
         W = m.weight
         index = _linear_weights(m, torch.arange(W.numel()).view(W.shape))
-        result.append(LayerTerms(a, J, groups, index))
+        J_bias = torch.cat(Jb_parts, dim=2) if Jb_parts else None
+        result.append(LayerTerms(a, J, groups, index, J_bias))
     return result
 
 
@@ -968,19 +1029,28 @@ def kfac(
                     )
                     for i in index
                 ]
+        elif attr == "bias":
+            G = _g_factor(t.J if t.J_bias is None else t.J_bias, M, approx)
+            factors = [(G[gs, gs], None) for gs in _channel_groups(mod, p.numel())]
         else:
             G = _g_factor(t.J, M, approx)
-            if attr == "bias":
-                factors = [(G, None)]
-            else:
-                factors = [
-                    (G[gs, gs], _a_factor(a, N, approx))
-                    for a, gs in zip(t.a, t.groups, strict=True)
-                ]
+            factors = [
+                (G[gs, gs], _a_factor(a, N, approx)) for a, gs in zip(t.a, t.groups, strict=True)
+            ]
         if attr == "bias":
-            index = [torch.arange(p.numel()).unsqueeze(1)]
+            rows = torch.arange(p.numel()).unsqueeze(1)
+            index = [rows[gs] for gs in _channel_groups(mod, p.numel())]
+            if t is None:
+                factors = [(torch.zeros(len(i), len(i), dtype=p.dtype), None) for i in index]
         blocks.append(KFACBlock(name, attr, path, factors, index, p.numel()))
     return blocks
+
+
+def _channel_groups(module: nn.Module, channels: int) -> list[slice]:
+    """The output channels of each group: a grouped convolution's bias has one block per
+    group (the same ``G`` as its weight's groups), every other bias one block."""
+    g = getattr(module, "groups", 1)
+    return [slice(i * channels // g, (i + 1) * channels // g) for i in range(g)]
 
 
 def _g_factor(J: Tensor, M: Tensor, approx: str) -> Tensor:
