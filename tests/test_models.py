@@ -279,6 +279,7 @@ ANY = (
     "encoder_sf_cls",
     "called_twice_cls",
     "tied_cls",
+    "embedding_cls",
     "gpt2_lora_cls",
 )
 
@@ -286,8 +287,8 @@ ANY = (
 @pytest.mark.parametrize("name", ANY)
 def test_autograd_handles_any_differentiable_model(name):
     """RNNs (no vmap batching rule), attention (fused kernels without forward-mode or double
-    derivatives), a module called twice, tied weights, GPT-2 (data-dependent masks under
-    vmap): GGN full/diag/kron-free paths, Jacobians, the Hessian and the operators, to 1e-10;
+    derivatives), a module called twice, tied weights, an Embedding with padding_idx (whose
+    padding row forward mode would differentiate), GPT-2 (data-dependent masks under vmap): GGN full/diag/kron-free paths, Jacobians, the Hessian and the operators, to 1e-10;
     the user's Parameter objects are the same afterwards."""
     case, model, x, y = _case(name)
     ref_model = case.ref_model(model)
