@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import zoo  # noqa: E402
 import zoo_reference as R  # noqa: E402
+from torch import nn  # noqa: E402
 
 import curvlib  # noqa: E402
 from curvlib.errors import CapabilityError, UnsupportedModuleError  # noqa: E402
@@ -288,8 +289,9 @@ ANY = (
 def test_autograd_handles_any_differentiable_model(name):
     """RNNs (no vmap batching rule), attention (fused kernels without forward-mode or double
     derivatives), a module called twice, tied weights, an Embedding with padding_idx (whose
-    padding row forward mode would differentiate), GPT-2 (data-dependent masks under vmap): GGN full/diag/kron-free paths, Jacobians, the Hessian and the operators, to 1e-10;
-    the user's Parameter objects are the same afterwards."""
+    padding row forward mode would differentiate), GPT-2 (data-dependent masks under vmap):
+    GGN full and diag, Jacobians, the Hessian and the operators, to 1e-10; the user's
+    Parameter objects are the same afterwards."""
     case, model, x, y = _case(name)
     ref_model = case.ref_model(model)
     lik = case.likelihood
@@ -314,3 +316,86 @@ def test_autograd_handles_any_differentiable_model(name):
     if name == "called_twice_cls":
         assert model[0].weight is model[2].weight
         assert not hess.diag_is_ggn_diag()  # a module called twice: the shortcut is not exact
+
+
+# ---------------------------------------------------------------------- ASDL and BackPACK
+def test_asdl_unused_module_and_hessian():
+    """A module that never runs: zero rows and columns from every ASDL entry point (its
+    makers have no result for it, its double backward would fail)."""
+    case, model, x, y = _case("unused_cls")
+    ref = _refs("unused_cls")
+    H = R.hessian(model, x, y, "classification")
+    ggn = curvlib.AsdlGGN(model, "classification")
+    assert R.rel_err(ggn.full(x, y)[1], ref["ggn"]) < TOL
+    assert R.rel_err(ggn.diag(x, y)[1], torch.diagonal(ref["ggn"])) < TOL
+    assert R.rel_err(ggn.jacobians(x)[0], ref["J"]) < TOL
+    hess = curvlib.AsdlHessian(model, "classification")
+    assert R.rel_err(hess.full(x, y)[1], H) < TOL
+    assert R.rel_err(hess.diag(x, y)[1], torch.diagonal(H)) < TOL
+    loss, K = ggn.kron(x, y, N=len(y))
+    names = [n for n, p in model.named_parameters()]
+    for n, F in zip(names, K.kfacs, strict=True):
+        assert (all(bool(f.abs().sum() == 0) for f in F)) == n.startswith("unused"), n
+
+
+def test_asdl_refusals_by_name():
+    """ASDL's Embedding in float64 (its per-sample gradients are float32) and a Linear layer
+    whose input is not batch-first: refused naming the module, before any work."""
+    case, model, x, y = _case("embedding_cls")
+    with pytest.raises(UnsupportedModuleError, match="'emb' of type Embedding.*float32"):
+        curvlib.AsdlGGN(model, "classification").diag(x, y)
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # (B, L, 3) -> the Linear sees (L, B, 3)
+            return self.head(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
+
+    model = SeqFirst().double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    with pytest.raises(UnsupportedModuleError, match="'lin' of type Linear.*batch"):
+        curvlib.AsdlGGN(model, "classification").diag(x, y)
+    want = R.kron_blocks(model, x, y, "classification", N=3)
+    loss, K = curvlib.AsdlGGN(model, "classification").kron(x, y, N=3)
+    for got, (n, block, _) in zip(_entry_blocks(K, model), want, strict=True):
+        assert R.rel_err(got, block) < TOL, n
+
+
+def test_backpack_dict_inputs_and_batchnorm():
+    """BackPACK's first-order entry points take dict inputs (module hooks only), and
+    BatchNorm in eval mode; an in-place operation on a hooked output is refused by name."""
+    torch.manual_seed(0)
+
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, d):
+            return self.b(torch.tanh(self.bn(self.a(d["input_ids"]))))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DictNet().double()
+        model.bn.running_mean.normal_()
+        model.eval()
+        x = {"input_ids": torch.randn(5, 3, dtype=torch.float64)}
+    y = torch.tensor([0, 1, 1, 0, 1])
+    J, f = R.jacobians(model, x)
+    G = R.per_sample_grads(model, x, y, "classification")
+    L = R.output_hessians(f, y, "classification")
+    bp = curvlib.BackPackGGN(model, "classification")
+    assert R.rel_err(bp.jacobians(x)[0], J) < TOL
+    assert R.rel_err(bp.gradients(x, y)[0], G) < TOL
+    assert R.rel_err(bp.full(x, y)[1], torch.einsum("nkp,nkj,njq->pq", J, L, J)) < TOL
+    assert (
+        R.rel_err(curvlib.BackPackEF(model, "classification").diag(x, y)[1], G.pow(2).sum(0)) < TOL
+    )
+    with pytest.raises(CapabilityError, match="dict inputs"):
+        bp.diag(x, y)  # second order: BackPACK's module graph from an input tensor
+    case, model, x, y = _case("tiny_resnet_cls")
+    with pytest.raises(UnsupportedModuleError, match="in-place operation"):
+        curvlib.BackPackGGN(model, "classification").diag(x, y)

@@ -7,7 +7,8 @@
 * Everywhere else: each entry is the K-FAC definition computed independently (explicit
   per-location inputs and output Jacobians, attention written out), or the exact block for
   parameters without a definition (normalization layers, bare parameters, tied weights,
-  recurrent layers), for ``expand`` and ``reduce``, the GGN and the EF.
+  recurrent layers), for ``expand`` and ``reduce``, the GGN and the EF, for every backend
+  that claims ``kron`` (ASDL's own Linear/Conv2d factors included).
 """
 
 from __future__ import annotations
@@ -77,9 +78,14 @@ def test_kron_is_the_definition(name, approx):
     ref = case.ref_model(model)
     for curvature in ("ggn", "ef"):
         want = R.kron_blocks(ref, x, y, case.likelihood, curvature, approx, N=9)
-        curv = curvlib.backend_class("autograd", curvature)(model, case.likelihood)
-        loss, K = curv.kron(x, y, N=9, kfac_approx=approx)
-        _assert_blocks(_blocks(K, ref), want)
+        for backend in ("autograd", "asdl", "backpack"):
+            curv = curvlib.backend_class(backend, curvature)(model, case.likelihood)
+            try:
+                loss, K = curv.kron(x, y, N=9, kfac_approx=approx)
+            except (CapabilityError, UnsupportedModuleError):
+                assert backend != "autograd"
+                continue
+            _assert_blocks(_blocks(K, ref), want)
         if name in ("mha_cls", "encoder_bf_cls", "gpt2_lm"):
             assert "kfac" in {k for n, _, k in want if "proj" in n or "attn" in n}
 

@@ -42,6 +42,7 @@ pass and builds ``full``/``diag`` from ASDL's (exact) per-sample products instea
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ with warnings.catch_warnings():  # asdfghjkl 0.1a4 uses the deprecated torch.jit
 from curvlib._call import Call
 from curvlib._hygiene import preserved_model
 from curvlib.capabilities import Records
-from curvlib.errors import CapabilityError, InputError
+from curvlib.errors import CapabilityError, InputError, UnsupportedModuleError
 from curvlib.interface import EFInterface, GGNInterface, HessianInterface
 from curvlib.kron import Kron
 
@@ -88,15 +89,30 @@ class _NotRun(_Fallback):
     """A module owning selected parameters never ran (ASDL has no result for it)."""
 
 
-def _shared_locations(module: nn.Module, inp: Tensor) -> int:
-    """Number ``L`` of weight-sharing locations ASDL would treat as separate samples."""
+def _shared_locations(module: nn.Module, inp: Tensor, B: int) -> int:
+    """Number ``L`` of weight-sharing locations per data point of a layer ASDL treats row by
+    row (every row of the flattened input a sample); ``B`` is the batch size."""
     if isinstance(module, nn.Linear):
-        return int(torch.Size(inp.shape[1:-1]).numel())
+        return int(inp.numel() // max(1, inp.shape[-1] * B))
     if isinstance(module, nn.LayerNorm):
-        return int(torch.Size(inp.shape[1 : inp.ndim - len(module.normalized_shape)]).numel())
+        return int(inp.numel() // max(1, math.prod(module.normalized_shape) * B))
     if isinstance(module, nn.Embedding):
-        return int(torch.Size(inp.shape[1:]).numel())
+        return int(inp.numel() // max(1, B))
     return 1  # Conv2d and BatchNorm reduce their locations themselves
+
+
+def _batch_first(module: nn.Module, a: Tensor, B: int) -> bool:
+    """Whether the input ``a`` of ``module`` holds the batch along dimension 0 beyond doubt
+    (``(L, B, E)`` with ``L = B`` would be indistinguishable from ``(B, L, E)``)."""
+    if a.ndim == 0 or a.shape[0] != B:
+        return False
+    if isinstance(module, nn.Embedding):
+        positions = a.shape[1:]
+    elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+        positions = a.shape[1:-1]
+    else:  # convolutions and batch norms: (B, C, *spatial)
+        return True
+    return B == 1 or B not in positions
 
 
 class _AsdlBase:
@@ -122,14 +138,18 @@ class _AsdlBase:
 
     @contextmanager
     def _checked_forward(
-        self, call: Call, y: Tensor | None, shared: str = "raise"
+        self, call: Call, y: Tensor | None, shared: str = "raise", batch_first: bool = True
     ) -> Iterator[tuple[Callable[[Any], Tensor], dict[int, int]]]:
         """``(model_fn, L)``: the forward pass given to ASDL, validating before backward.
 
         ``model_fn(inp)`` protects the outputs of the hooked layers (hooks registered after
-        ASDL's), runs the model through ``call.forward``, checks that every hooked layer ran
-        once, and records in ``L`` the weight-sharing locations of each layer. With
-        ``shared="raise"`` a layer applied to a sequence raises :class:`_WeightSharing`.
+        ASDL's), runs the model through ``call.forward``, checks that no hooked layer ran
+        more than once, and records in ``L`` the weight-sharing locations of each layer that
+        ran (a layer that never ran is absent). With ``shared="raise"`` a layer applied to a
+        sequence raises :class:`_WeightSharing`, a layer that never ran :class:`_NotRun`.
+        With ``batch_first`` a layer whose input does not hold the batch along its first
+        dimension (inside ``nn.TransformerEncoderLayer(batch_first=False)``) is refused:
+        ASDL's per-sample quantities read the first dimension as the batch.
         """
         mods = self._owners()
         locations: dict[int, int] = {}
@@ -150,13 +170,22 @@ class _AsdlBase:
                 for h in handles:
                     h.remove()
             self._dynamic_check(call, records, f)
-            for _, m in mods:
+            B = f.shape[0]
+            for path, m in mods:
                 if not records.calls.get(id(m)):
                     if shared == "raise":
                         raise _NotRun()
                     continue  # absent from L: its parameters' results are zero
                 a = records.calls[id(m)][0].inp
-                locations[id(m)] = 1 if a is None else _shared_locations(m, a)
+                if batch_first and isinstance(a, Tensor) and not _batch_first(m, a, B):
+                    raise UnsupportedModuleError(
+                        f"backend 'asdl' cannot compute {call.what!r} for module "
+                        f"{path or '<root>'!r} of type {type(m).__name__}: its input of shape "
+                        f"{tuple(a.shape)} does not plainly hold the batch of {B} along its "
+                        "first dimension, which ASDL reads as the batch; backends that can: "
+                        "'autograd', 'auto'"
+                    )
+                locations[id(m)] = 1 if a is None else _shared_locations(m, a, B)
                 if shared == "raise" and locations[id(m)] > 1:
                     raise _WeightSharing()
             return f
@@ -270,7 +299,8 @@ class _AsdlFisher(_AsdlBase):
             **_FISHER_ATTRS,
         )
         shared = "keep" if call.what == "kron" else "raise"
-        with self._session(), self._checked_forward(call, y, shared) as (model_fn, L):
+        kron = call.what == "kron"  # ASDL's factors sum over every row: any batch layout
+        with self._session(), self._checked_forward(call, y, shared, not kron) as (model_fn, L):
             fm = get_fisher_maker(self._model, cfg)
             dummy = fm.setup_model_call(model_fn, inp)
             fm.setup_loss_call(self.lossfunc, dummy, y)
@@ -336,7 +366,8 @@ class _AsdlFisher(_AsdlBase):
             convs = [p for p, m in native if isinstance(m, nn.Conv2d)]
             if convs:
                 raise self._reduce_error(f"convolutions {convs}")
-            with self._session(), self._checked_forward(call, call.y, "keep") as (fn, locs):
+            checked = self._checked_forward(call, call.y, "keep", batch_first=False)
+            with self._session(), checked as (fn, locs):
                 with torch.no_grad():
                     fn(call.inp)
             shared = [p for p, m in native if locs.get(id(m), 1) > 1]
