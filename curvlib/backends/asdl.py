@@ -359,6 +359,7 @@ class _AsdlFisher(_AsdlBase):
         Conv2d; the other selected parameters from curvlib's rule table in a second pass."""
         from asdl.matrices import SHAPE_KRON
 
+        state = _generator_state(call.generator)  # both passes see the same MC draws
         native = [(p, m) for p, m in self._owners() if not call.cap.refusal(m, True)]
         native_ids = {id(m) for _, m in native}
         if call.kfac_approx == "reduce":  # equal to expand only without weight sharing
@@ -404,6 +405,7 @@ class _AsdlFisher(_AsdlBase):
                 entries[id(p)] = [(G * scale).clone()]
         rest = [p for p in self.params if id(p) not in entries]
         if rest:
+            _set_generator_state(call.generator, state)
             entries.update(self._shared_kron(call, rest, native_ids))
         return call.loss(f), Kron([entries[id(p)] for p in self.params])
 
