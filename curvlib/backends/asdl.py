@@ -59,7 +59,7 @@ with warnings.catch_warnings():  # asdfghjkl 0.1a4 uses the deprecated torch.jit
 from curvlib._call import Call
 from curvlib._hygiene import preserved_model
 from curvlib.capabilities import Records
-from curvlib.errors import CapabilityError, InputError, UnsupportedModuleError
+from curvlib.errors import CapabilityError, UnsupportedModuleError
 from curvlib.interface import EFInterface, GGNInterface, HessianInterface
 from curvlib.kron import Kron
 
@@ -593,68 +593,6 @@ class AsdlHessian(_AsdlBase, HessianInterface):
         loss : Tensor
             The reported loss summed over the loader, detached.
         """
-        import numpy as np
-        from asdl.matrices import SHAPE_FULL
-        from asdl.vector import ParamVector
-        from scipy.sparse.linalg import LinearOperator, eigsh
+        from curvlib.backends.asdl_lowrank import eig_lowrank
 
-        ref = self.params[0] if self.params else None
-        if ref is None:
-            raise InputError(
-                f"{type(self.model).__name__} has no parameters with requires_grad=True"
-            )
-        batches = [
-            tree_map(lambda t: t.to(ref.device) if isinstance(t, Tensor) else t, b)
-            for b in data_loader
-        ]
-        if not batches:
-            raise InputError("data_loader yielded no batches")
-        calls = [self._begin("full", xb, yb) for xb, yb in batches]
-        params = self.params
-        P = self.num_params
-        idx = calls[0].idx
-        n = P if idx is None else idx.numel()
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-            raise InputError(f"k must be an integer in [1, {n}], got {k!r}")
-        attr = _HESSIAN_ATTRS["hvp_attr"]
-        with self._session():
-            hm = self._maker(SHAPE_FULL)
-            loss = torch.zeros((), dtype=ref.dtype, device=ref.device)
-            for c in calls:
-                c.inp = self._features(c)
-                f = c.forward(grad=False)
-                loss = loss + c.loss(f)
-
-            def hvp(v: Tensor) -> Tensor:
-                if idx is not None:
-                    v = torch.zeros(P, dtype=v.dtype, device=v.device).index_copy_(0, idx, v)
-                vec = ParamVector(params, v)
-                out = torch.zeros(P, dtype=ref.dtype, device=ref.device)
-                for c in calls:
-                    self._setup(hm, c, c.inp, c.y)
-                    hm.forward_and_backward(hvp=True, vec=vec)
-                    out += getattr(self._model, attr).get_flatten_vector().detach()
-                return out if idx is None else out[idx]
-
-            if k >= n:
-                eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
-                H = torch.stack([hvp(e) for e in eye], dim=1)
-                vals, vecs = torch.linalg.eigh((H + H.T) / 2)
-                vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
-            else:
-                gen = generator if generator is not None else torch.Generator().manual_seed(0)
-                v0 = torch.randn(n, generator=gen, dtype=torch.float64, device=gen.device)
-
-                def matvec(v: np.ndarray) -> np.ndarray:
-                    t = torch.as_tensor(np.asarray(v).ravel(), dtype=ref.dtype, device=ref.device)
-                    return hvp(t).double().cpu().numpy()
-
-                op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-                w, V = eigsh(op, k=k, which="LA", v0=v0.cpu().numpy())
-                order = np.argsort(w)[::-1].copy()
-                vals = torch.from_numpy(w[order].copy()).to(ref.device, ref.dtype)
-                vecs = torch.from_numpy(V[:, order].copy()).to(ref.device, ref.dtype)
-        if positive_only:
-            keep = vals > 1e-6
-            vals, vecs = vals[keep], vecs[:, keep]
-        return vecs, vals, loss.detach()
+        return eig_lowrank(self, data_loader, k, generator, positive_only)
