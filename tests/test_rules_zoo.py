@@ -206,3 +206,32 @@ def test_attention_outputs_unchanged_while_recorded():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
     assert len(mha._forward_hooks) == 0 and len(mha._forward_pre_hooks) == 0
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_large_bare_parameter_gets_its_exact_diagonal():
+    """A parameter without a rule above DENSE_BLOCK_MAX entries: the exact block's diagonal
+    as a 1-D factor (a dense block of that size would not fit in general)."""
+    from curvlib.kfac import DENSE_BLOCK_MAX
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(DENSE_BLOCK_MAX + 52) + 0.5)
+            self.head = nn.Linear(DENSE_BLOCK_MAX + 52, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(x * self.scale))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Scaled().double()
+        x = torch.randn(4, DENSE_BLOCK_MAX + 52, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    J, f = R.jacobians(model, x)
+    L = R.output_hessians(f, y, "classification")
+    n = model.scale.numel()
+    want = torch.einsum("nkp,nkj,njp->p", J[..., :n], L, J[..., :n])
+    for backend in ("autograd", "auto"):
+        loss, K = curvlib.backend_class(backend, "ggn")(model, "classification").kron(x, y, N=4)
+        (d,) = K.kfacs[0]
+        assert d.ndim == 1 and R.rel_err(d, want) < TOL
