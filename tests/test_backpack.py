@@ -180,10 +180,13 @@ def test_kron_with_subnetwork_raises():
 
 
 def test_dict_inputs_refused():
+    """Second-order extensions run BackPACK's module graph from an input tensor: dicts are
+    refused there (first-order entry points take them, tests/test_models.py)."""
     model = nn.Sequential(nn.Linear(3, 2)).double()
     batch = {"input_ids": torch.randn(4, 3, dtype=torch.float64), "labels": torch.zeros(4).long()}
     assert not BackPackGGN.capability_row()["diag"].dict_inputs
-    for structure in ("full", "diag", "kron"):
+    assert BackPackGGN.capability_row()["full"].dict_inputs
+    for structure in ("diag", "kron"):
         with pytest.raises(CapabilityError, match="dict"):
             getattr(BackPackGGN(model, "classification"), structure)(batch)
 
