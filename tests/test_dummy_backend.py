@@ -119,7 +119,7 @@ def test_capability_table(dummy, monkeypatch):
 
 @pytest.mark.parametrize("name", caps.MODELS_UNDER_TEST)
 def test_supports_agrees_with_the_call(dummy, name):
-    each(oracle.jobs([dummy]), name, lambda *job: caps.agree(*job, name))
+    each(caps.zoo_jobs([dummy]), name, lambda *job: caps.agree(*job, name))
 
 
 def test_hygiene(dummy):

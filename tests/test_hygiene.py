@@ -17,7 +17,7 @@ state a careless backend would change (mixed training flags, existing and missin
 * an MC call without a generator draws from the global RNG (advancing it) on success only;
 * 200 calls of each backend's ``diag``, ``kron`` and ``full`` leave no live tensors or
   modules behind;
-* every backend, in any order on one model, gives the numbers it gives alone.
+* every backend, in a random order on one model, gives the numbers it gives alone.
 
 Entry points a backend does not support on the model are refusals: those leave no trace
 either (``oracle.expect_refusal``).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import functools
 import gc
-import itertools
 import pickle
 import random
 
@@ -231,15 +230,47 @@ def test_mc_without_generator_draws_from_the_global_rng_on_success_only(backend)
         assert torch.equal(start, torch.get_rng_state()), (backend, what)
 
 
+# -- curvlib._hygiene.preserved_model ------------------------------------------------------
+def test_preserved_model_undoes_everything():
+    from curvlib.interface import preserved_model
+
+    model = make_model()
+    x, y = data()
+
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[0].register_buffer("stat", torch.zeros(3))
+    model[2]._is_full_backward_hook = False  # stale: no backward hooks left
+    before = ref.model_state(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="inside"), preserved_model(model):
+        assert model[2]._is_full_backward_hook is None  # cleared for the block
+        model[0].stat.add_(1.0)  # in place, as running statistics are updated
+        model[0].register_forward_hook(lambda *a: None)
+        model[2].register_full_backward_hook(lambda *a: None)
+        model[0].extra_attribute = 1
+        model[0].weight.extra = 2
+        model.eval()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        torch.manual_seed(123)
+        torch.rand(3)
+        raise RuntimeError("inside")
+    ref.assert_same_state(before, ref.model_state(model))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert torch.equal(model[0].stat, torch.zeros(3))
+    assert model[2]._is_full_backward_hook is False
+
+
 # -- leaks ------------------------------------------------------------------------------------
 def _live() -> tuple[int, int]:
     """Live ``torch.Tensor`` and ``nn.Module`` objects (after a full collection)."""
     gc.collect()
     tensors = modules = 0
     for o in gc.get_objects():
-        if isinstance(o, Tensor):
+        t = type(o)  # not isinstance: some lazy module proxies warn on __class__
+        if issubclass(t, Tensor):
             tensors += 1
-        elif isinstance(o, nn.Module):
+        elif issubclass(t, nn.Module):
             modules += 1
     return tensors, modules
 
@@ -299,20 +330,12 @@ def run_in_order(order: list, model: nn.Module) -> None:
             raise AssertionError(f"{job} changed the model ({err})") from None
 
 
-def test_all_backends_in_a_random_order_on_one_model():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_backends_in_a_random_order_on_one_model(seed):
+    """Every backend's computations shuffled on one model: each gives what it gives alone."""
     order = _sequence_jobs(list(registry()))
-    random.Random(0).shuffle(order)
+    random.Random(seed).shuffle(order)
     run_in_order(order, make_model())
-
-
-@pytest.mark.parametrize(
-    "first, second",
-    list(itertools.permutations(registry(), 2)),
-    ids=[f"{a}-then-{b}" for a, b in itertools.permutations(registry(), 2)],
-)
-def test_backend_after_backend(first, second):
-    """All of one backend's computations, then all of another's, on one model."""
-    run_in_order(_sequence_jobs([first]) + _sequence_jobs([second]), make_model())
 
 
 def test_model_deep_copies_and_pickles_after_every_backend():
