@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -98,11 +98,24 @@ def _slots(module: nn.Module, params: Sequence[Tensor]) -> list[list[tuple[nn.Mo
     return [where[id(p)] for p in params]
 
 
+def _held(m: nn.Module, name: str, v: Tensor) -> Tensor:
+    """The value ``m`` holds as ``name``: ``v``, except for an ``nn.Embedding`` weight with a
+    ``padding_idx``, whose padding row is held constant. Reverse mode gives that row no
+    gradient (torch's convention); forward mode would give it a tangent, so products through
+    ``jvp`` would disagree with the Jacobians and the GGN built from ``vjp``."""
+    if isinstance(m, nn.Embedding) and name == "weight" and m.padding_idx is not None:
+        pad = torch.zeros(v.shape[0], 1, dtype=torch.bool, device=v.device)
+        pad[m.padding_idx] = True
+        return torch.where(pad, v.detach(), v)
+    return v
+
+
 @contextmanager
 def swapped(
     module: nn.Module, params: Sequence[Tensor], values: Sequence[Tensor], slots=None
 ) -> Iterator[None]:
-    """Temporarily replace each of ``params`` by the tensor in ``values`` wherever it is held.
+    """Temporarily replace each of ``params`` by the tensor in ``values`` wherever it is held
+    (an ``nn.Embedding``'s padding row held constant, see :func:`_held`).
 
     The original ``Parameter`` objects are put back on exit, also on error.
     """
@@ -110,7 +123,7 @@ def swapped(
     try:
         for holders, v in zip(slots, values, strict=True):
             for m, name in holders:
-                m._parameters[name] = v
+                m._parameters[name] = _held(m, name, v)
         yield
     finally:
         for holders, p in zip(slots, params, strict=True):
@@ -140,7 +153,10 @@ def _vjps_vmap(fn, params, inp, cot, detach: bool) -> Tensor:
         grads = torch.func.vmap(vjp_fn)(cot_n)
         return torch.cat([g.flatten(1) for g in grads], dim=1)
 
-    return torch.func.vmap(single)(inp, cot)
+    # detached: no graph to the model's other parameters (those not in ``params``) either;
+    # the transforms inside compute their own derivatives regardless of the outer mode
+    with torch.no_grad() if detach else nullcontext():
+        return torch.func.vmap(single)(inp, cot)
 
 
 def _vjps_reverse(fn, params, inp, cot, detach: bool, batched: bool) -> Tensor:

@@ -277,9 +277,10 @@ _ACT = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.LeakyReLU, nn.LogSigmo
 _SHAPE = (nn.Dropout, nn.Flatten, nn.ZeroPad2d)
 
 #: The module types BackPACK 1.7 handles, per extension (exact types).
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # eval mode (training is refused)
 BACKPACK_MODULES: Mapping[str, tuple[type[nn.Module], ...]] = {
-    "BatchGrad": (nn.Linear, *_CONV, *_CONV_T),
-    "DiagGGN": (nn.Linear, *_CONV, *_CONV_T, *_POOL, *_ACT, *_SHAPE, nn.Identity),
+    "BatchGrad": (nn.Linear, *_CONV, *_CONV_T, *_BN),
+    "DiagGGN": (nn.Linear, *_CONV, *_CONV_T, *_POOL, *_ACT, *_SHAPE, nn.Identity, *_BN),
     "KFLR": (
         nn.Linear,
         *_CONV,
@@ -337,14 +338,15 @@ def _backpack(curvature: str) -> dict[str, Capability]:
         memory="BCP",
         modules=BACKPACK_MODULES["BatchGrad"],
         exact_type=True,
-        dict_inputs=False,
+        dict_inputs=True,  # first-order: module hooks only
         positions=False,
         shared_parameters=False,
         differentiable=True,
         constraints=(ZERO_PADDING, NO_REGULAR_BACKWARD_HOOKS),
         note="BatchGrad",
     )
-    second = replace(first, leaves=True, chain=True, differentiable=False)
+    # second-order: BackPACK's module graph from the input tensor to the loss
+    second = replace(first, leaves=True, chain=True, differentiable=False, dict_inputs=False)
     rows = {
         "jacobians": first,
         "gradients": replace(first, memory="BP"),
@@ -378,6 +380,24 @@ def _backpack(curvature: str) -> dict[str, Capability]:
 
 
 def _asdl(curvature: str) -> dict[str, Capability]:
+    import torch
+
+    def embedding_float32(m: nn.Module, owns: bool) -> str:
+        if owns and isinstance(m, nn.Embedding) and m.weight.dtype != torch.float32:
+            return (
+                f"its weight is {m.weight.dtype}: asdfghjkl 0.1a4 allocates Embedding's "
+                "per-sample gradients in float32"
+            )
+        return ""
+
+    def not_out_proj(m: nn.Module, owns: bool) -> str:
+        if owns and isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return (
+                "it is the out_proj of a MultiheadAttention, which uses its weights "
+                "functionally: ASDL's hooks never see it"
+            )
+        return ""
+
     base = Capability(
         memory="BCP",
         modules=ASDL_MODULES,
@@ -389,6 +409,8 @@ def _asdl(curvature: str) -> dict[str, Capability]:
             ASDL_CONV,
             ASDL_NORM,
             NO_FULL_BACKWARD_HOOKS,
+            Constraint("embedding_float32", embedding_float32),
+            Constraint("not_attention_out_proj", not_out_proj),
         ),
         note="OP_BATCH_GRADS",
     )

@@ -1,6 +1,8 @@
 """The shared test cases: models x likelihoods x shapes, float64, fixed seeds.
 
-Every backend and structure is run on these and compared with ``tests/reference.py``.
+Every backend, curvature and entry point is run on these by ``tests/test_oracle.py`` and
+compared with the brute force of ``tests/reference.py``. ``Case.make`` seeds inside
+:func:`torch.random.fork_rng`: building a case never changes the global RNG.
 """
 
 from __future__ import annotations
@@ -65,19 +67,53 @@ class Case:
     batch: int = 5
     extra: dict = field(default_factory=dict)
 
+    @property
+    def kron_exact(self) -> bool:
+        """K-FAC is exact: one data point and no weight sharing (an MLP with batch 1)."""
+        return self.batch == 1 and self.name.startswith("mlp")
+
     def make(self, seed: int = 0):
-        torch.manual_seed(seed)
-        model = self.build().double()
-        x = torch.randn(self.batch, *self.x_shape, dtype=torch.float64)
-        if self.likelihood == "classification":
-            y = torch.randint(0, self.C, (self.batch,))
-        else:
-            y = torch.randn(self.batch, self.C, dtype=torch.float64)
-        subnet = None
-        if self.subnetwork:
-            P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            subnet = torch.randperm(P)[: P // 3].sort().values
+        """``(model, x, y, subnetwork_indices)``; the global RNG is left untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.build().double()
+            x = torch.randn(self.batch, *self.x_shape, dtype=torch.float64)
+            if self.likelihood == "classification":
+                y = torch.randint(0, self.C, (self.batch,))
+            else:
+                y = torch.randn(self.batch, self.C, dtype=torch.float64)
+            subnet = None
+            if self.subnetwork:
+                P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                subnet = torch.randperm(P)[: P // 3].sort().values
         return model, x, y, subnet
+
+
+class PostOp(nn.Module):
+    """A functional operation after the last module: ``f = 2 net(x) - 1``."""
+
+    def __init__(self, d: int = 4, h: int = 5, c: int = 2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2.0 * self.net(x) - 1.0
+
+
+def _eval_layers():
+    m = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Linear(6, 3),
+    )
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.normal_()
+    return m.eval()
 
 
 def _frozen():
@@ -151,6 +187,27 @@ CASES = [
         kron=False,
     ),
     Case("tied_cls", "classification", TiedModel, (4,), 3, kron=False),
+    # one data point, no weight sharing: K-FAC is exact (the brute-force block diagonal)
+    Case(
+        "mlp_b1_cls",
+        "classification",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+        (4,),
+        3,
+        batch=1,
+    ),
+    Case(
+        "mlp_b1_reg",
+        "regression",
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+        (3,),
+        2,
+        batch=1,
+    ),
+    # eval-mode BatchNorm (an affine map with running statistics), in-place ReLU, Dropout
+    Case("eval_layers_cls", "classification", _eval_layers, (4,), 3, kron=False),
+    # an operation between the last module and the loss, written in forward
+    Case("postop_reg", "regression", lambda: PostOp(4, 5, 2), (4,), 2),
 ]
 
 CASE_IDS = [c.name for c in CASES]

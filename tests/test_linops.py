@@ -39,8 +39,10 @@ def dense_full(curv, x, y, seed=0):
 
 
 @pytest.mark.parametrize("curvature", list(CURVATURES))
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=[CASE_IDS[0], CASE_IDS[6]])
 def test_operator_matches_full(case, curvature):
+    """The operator's interface (``(P,)`` and ``(P, K)`` inputs, ``to_dense``, SciPy) on a
+    plain and a subnetwork case; every backend x case is in ``tests/test_oracle.py``."""
     curv, model, x, y = setup(case, curvature)
     H = dense_full(curv, x, y)
     op = curv.operator(x, y, generator=gen())
@@ -145,21 +147,6 @@ def test_operator_validation():
         curv.operator(data=[]) @ torch.ones(P, dtype=torch.float64)
     with pytest.raises(ValueError):
         curv.operator(x, y[:-1])  # validated when built
-
-
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_model_untouched(case):
-    model, x, y, subnet = case.make()
-    model.train()
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 0.5) if p.requires_grad else None
-    before = ref.model_state(model)
-    for curvature in CURVATURES:
-        cls, kw = CURVATURES[curvature]
-        curv = cls(model, case.likelihood, last_layer=case.last_layer, subnetwork_indices=subnet)
-        op = curv.operator(x, y, generator=gen())
-        op @ torch.ones(op.shape[0], dtype=torch.float64)
-    ref.assert_same_state(before, ref.model_state(model))
 
 
 def test_create_graph_operator_is_differentiable():

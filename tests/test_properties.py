@@ -1,38 +1,35 @@
-"""Property tests (issue 10, item 5): random small MLPs and CNNs against brute force.
+"""Property tests: random small MLPs and CNNs against brute force.
 
 Hypothesis draws the architecture (depth, widths, activation, kernel, stride, padding), the
-batch size, the number of outputs, the likelihood and the seeds; every registered backend
-then computes every curvature and structure it declares, and each result is compared with
-the brute-force float64 reference of ``tests/reference.py`` to a relative error of 1e-10:
+batch size, the number of outputs, the likelihood, the seed and one registered backend and
+curvature (``curvlib.backends.registry()``, read when the tests are collected), which then
+computes every structure of the capability table, the Jacobians and the per-sample
+gradients, and each result is compared with the brute-force float64 reference of
+``tests/reference.py`` to a relative error of 1e-10:
 
-* ``full`` / ``diag`` of the GGN, EF and Hessian: brute force; of the MC Fisher: brute-force
-  Jacobians with the pseudo-target gradients drawn from the same seeded generator (every
-  backend draws them from curvlib's likelihood);
-* ``kron``: where K-FAC is exact (an MLP on one data point: every weight block is
-  ``G ⊗ A``, every bias block ``G``) the block diagonal of the brute-force matrix;
-  elsewhere the autograd backend's ``kron`` (expand variant, DESIGN §4);
+* ``full`` / ``diag`` of the GGN, EF and Hessian: brute force; of the MC Fisher:
+  brute-force Jacobians with the likelihood's cotangents drawn from an identically seeded
+  generator;
+* ``kron``: where K-FAC is exact (an MLP on one data point) the block diagonal of the
+  brute-force matrix, elsewhere the loop definitions of K-FAC (``reference.kron_reference``);
 * ``jacobians`` and ``gradients``: brute force.
 
-A backend may refuse only what it declares it cannot do (BackPACK's K-FAC has no rule for
-ELU / LeakyReLU), with ``UnsupportedModuleError``. ``derandomize=True`` fixes the examples,
-so every CI run checks the same >= 200 cases; the largest errors measured are collected in
-``AGREEMENT`` (``docs/reliability.md`` quotes them).
+What a backend refuses is read from the capability table (``curvlib.supports``): a refused
+call raises a curvlib error before any backward pass (``oracle.expect_refusal``).
+``derandomize=True`` fixes the examples, so every run checks the same 200 MLPs and 120 CNNs;
+every example is independent of the others.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
+import oracle
 import reference as ref
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import LEGACY
 from torch import Tensor, nn
 
-from curvlib.backends import backend_class, registry
-from curvlib.errors import UnsupportedModuleError
-from curvlib.likelihood import get_likelihood
+from curvlib.backends import registry
 
 DT = torch.float64
 TOL = 1e-10
@@ -43,11 +40,9 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "leaky_relu": nn.LeakyReLU,
 }
-_KFLR_ACTIVATIONS = {"tanh", "sigmoid", "relu"}  # BackPACK's K-FAC table
-
-#: largest relative error per (backend, curvature, structure, reference kind)
-AGREEMENT: dict[tuple[str, ...], float] = defaultdict(float)
-COUNTS: dict[str, int] = defaultdict(int)
+#: every (backend, curvature) of the registry: each example checks one
+PAIRS = [(b, c) for b, curvatures in sorted(registry().items()) for c in curvatures]
+ENTRIES = [oracle.ENTRY[n] for n in ("full", "diag", "kron", "jacobians", "gradients")]
 
 SETTINGS = dict(
     deadline=None,
@@ -55,19 +50,6 @@ SETTINGS = dict(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def _classes() -> dict[str, dict[str, type]]:
-    out = {}
-    for backend, curvatures in registry().items():
-        try:
-            out[backend] = {c: backend_class(backend, c) for c in curvatures}
-        except ImportError:  # an optional library that is absent
-            continue
-    return out
-
-
-CLASSES = _classes()
 
 
 # -- strategies ----------------------------------------------------------------------------
@@ -104,11 +86,17 @@ def problems(draw, arch):
     C = draw(st.integers(2 if likelihood == "classification" else 1, 4))
     batch = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**16))
-    return spec, likelihood, C, batch, seed
+    backend, curvature = draw(st.sampled_from(PAIRS))
+    return spec, likelihood, C, batch, seed, backend, curvature
 
 
 def build(spec: dict, likelihood: str, C: int, batch: int, seed: int):
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(spec, likelihood, C, batch)
+
+
+def _build(spec: dict, likelihood: str, C: int, batch: int):
     act = ACTIVATIONS[spec["act"]]
     layers: list[nn.Module] = []
     if spec["kind"] == "mlp":
@@ -137,103 +125,56 @@ def build(spec: dict, likelihood: str, C: int, batch: int, seed: int):
 class References:
     """Brute-force values of one problem, computed on first use."""
 
-    def __init__(self, model, x, y, likelihood):
+    def __init__(self, model, x, y, likelihood, kron_exact: bool) -> None:
         self.model, self.x, self.y, self.lik = model, x, y, likelihood
+        self.kron_exact = kron_exact
         self._cache: dict[str, Tensor] = {}
 
-    def get(self, key: str) -> Tensor:
+    def get(self, curvature: str, what: str) -> Tensor:
+        key = f"{curvature}-{what}"
         if key not in self._cache:
-            m, x, y, lik = self.model, self.x, self.y, self.lik
-            if key == "ggn":
-                v = ref.ggn(m, x, y, lik)
-            elif key == "ef":
-                v = ref.ef(m, x, y, lik)
-            elif key == "hessian":
-                v = ref.hessian(m, x, y, lik)
-            elif key == "fisher":
-                J, f = ref.jacobians(m, x)
-                c = get_likelihood(lik).mc_cotangents(f, 1, torch.Generator().manual_seed(11))
-                V = torch.einsum("bsc,bcp->bsp", c, J).flatten(0, 1)
-                v = V.T @ V
-            elif key == "jacobians":
-                v = ref.jacobians(m, x)[0]
-            elif key == "gradients":
-                factor = 0.5 if lik == "regression" else 1.0
-                v = ref.per_sample_grads(m, x, y, lik) / factor
-            self._cache[key] = v
+            self._cache[key] = self._compute(curvature, what)
         return self._cache[key]
 
-
-def blocks_of(model: nn.Module, H: Tensor) -> Tensor:
-    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-    out, o = [], 0
-    for s in sizes:
-        out.append(H[o : o + s, o : o + s])
-        o += s
-    return torch.block_diag(*out)
-
-
-def agree(key: tuple[str, ...], got: Tensor, expected: Tensor) -> None:
-    diff = float((got - expected).norm())
-    scale = float(expected.norm())
-    assert diff <= TOL * scale + 1e-14, (key, diff, scale)
-    AGREEMENT[key] = max(AGREEMENT[key], diff / scale if scale > 0 else 0.0)
-    COUNTS["comparisons"] += 1
-
-
-def compute(cls, curvature, what, model, x, y, likelihood):
-    curv = cls(model, likelihood)
-    kw = {"generator": torch.Generator().manual_seed(11)} if curvature == "fisher" else {}
-    if what == "jacobians":
-        return curv.jacobians(x)[0]
-    if what == "gradients":
-        return curv.gradients(x, y)[0]
-    if what == "kron":
-        return curv.kron(x, y, N=x.shape[0], **kw)[1].to_matrix()
-    return getattr(curv, what)(x, y, **kw)[1]
-
-
-def may_refuse(backend: str, what: str, spec: dict) -> bool:
-    return backend == "backpack" and what == "kron" and spec["act"] not in _KFLR_ACTIVATIONS
-
-
-def check_problem(spec, likelihood, C, batch, seed) -> None:
-    model, x, y = build(spec, likelihood, C, batch, seed)
-    refs = References(model, x, y, likelihood)
-    kron_exact = spec["kind"] == "mlp" and batch == 1
-    autograd_kron: dict[str, Tensor] = {}
-    order = ["autograd"] + [b for b in CLASSES if b != "autograd"]
-    for backend in order:
-        for curvature, cls in CLASSES[backend].items():
-            whats = list(LEGACY(cls.structures)) + (
-                ["jacobians", "gradients"] if curvature == "ggn" else []
+    def _compute(self, curvature: str, what: str) -> Tensor:
+        m, x, y, lik = self.model, self.x, self.y, self.lik
+        if what == "jacobians":
+            return ref.jacobians(m, x)[0]
+        if what == "gradients":
+            return ref.per_sample_grads(m, x, y, lik)
+        if what == "diag":
+            return self.get(curvature, "full").diagonal()
+        if what == "kron":
+            H = self.get(curvature, "full")
+            sizes = [p.numel() for p in m.parameters() if p.requires_grad]
+            if self.kron_exact:
+                return ref.blocks_of(sizes, H)
+            mc = {"num_samples": oracle.NUM_SAMPLES, "seed": oracle.SEED}
+            M = ref.output_matrices(
+                curvature, m, x, y, lik, **(mc if curvature == "fisher" else {})
             )
-            for what in whats:
-                key = (backend, curvature, what)
-                try:
-                    got = compute(cls, curvature, what, model, x, y, likelihood)
-                except UnsupportedModuleError:
-                    assert may_refuse(backend, what, spec), key
-                    COUNTS["declared refusals"] += 1
-                    continue
-                if what in ("jacobians", "gradients"):
-                    agree((*key, "brute force"), got, refs.get(what))
-                    continue
-                if what == "kron":
-                    if backend == "autograd":
-                        autograd_kron[curvature] = got
-                    if kron_exact:
-                        agree(
-                            (*key, "brute force (exact case)"),
-                            got,
-                            blocks_of(model, refs.get(curvature)),
-                        )
-                    elif backend != "autograd":
-                        agree((*key, "autograd kron"), got, autograd_kron[curvature])
-                    continue
-                H = refs.get(curvature)
-                agree((*key, "brute force"), got, H.diagonal() if what == "diag" else H)
-    COUNTS["problems"] += 1
+            return ref.kron_reference(m, x, y, lik, M, "expand", x.shape[0], H)
+        if curvature == "fisher":
+            return ref.mc_fisher(m, x, y, lik, oracle.NUM_SAMPLES, oracle.SEED)
+        return {"ggn": ref.ggn, "ef": ref.ef, "hessian": ref.hessian}[curvature](m, x, y, lik)
+
+
+def check_problem(spec, likelihood, C, batch, seed, backend, curvature) -> None:
+    model, x, y = build(spec, likelihood, C, batch, seed)
+    refs = References(model, x, y, likelihood, kron_exact=spec["kind"] == "mlp" and batch == 1)
+    pb = oracle.Problem(model, x, y, likelihood, N=batch)
+    oracle.get_class(backend, curvature)
+    for entry in ENTRIES:
+        key = (backend, curvature, entry.name)
+        if not oracle.report(backend, curvature, entry, pb).supported:
+            oracle.expect_refusal(
+                lambda e=entry, c=curvature: oracle.call(backend, c, e, pb), model
+            )
+            continue
+        _, got = oracle.call(backend, curvature, entry, pb)
+        want = refs.get(curvature, entry.what)
+        diff, scale = float((got - want).norm()), float(want.norm())
+        assert diff <= TOL * scale + 1e-14, (key, diff, scale)
 
 
 # -- the properties ----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ The loss is :math:`\sum_n \ell_n` (N counts data points, i.e. sequences). With
 (tied weights counted once, at its first name), in ``model.parameters()`` order, flattened
 row-major. Jacobians and gradients differentiate w.r.t. the model's own Parameter objects, so
 a module called twice or a weight shared by two modules needs no special handling; the
-Hessian swaps a flat θ in with ``torch.func.functional_call(strict=False, tie_weights=True)``
+Hessian swaps a flat θ in for every holder of each Parameter and puts the Parameters back
+(``torch.func.functional_call`` leaves plain tensors behind on a module registered twice),
 and is cross-checked against :func:`hessian_double_backward` (no swap).
 
 K-FAC definitions (DESIGN §4, §10): :func:`kfac` computes, for every trainable parameter of a
@@ -43,8 +44,15 @@ with :math:`M_n` = Λ_n (``"ggn"``), :math:`r_n r_n^\top` (``"ef"``, :math:`r_n 
 ``g`` with a "linear weight" ``W̃_g (out_g, r_g)`` that is a re-indexing of the stored
 weight; the block of the stored weight (row-major) is ``G_g ⊗ A_g`` placed at the stored
 indices of ``W̃_g`` (block-diagonal over groups; for Embedding and HF Conv1D the stored block
-is ``A ⊗ G``). A bias has the one factor ``G`` (all output channels). The reference checks
-``s_l = W̃ a_l + b`` on every call, so its patches are tested on every use.
+is ``A ⊗ G``). A transposed convolution is a map per *input* location, ``c_l = W_g^T x_l``
+(``out_g·k`` entries scattered over the output), so its stored weight ``(in, out/g, *k)``
+is ``W̃_g^T`` and its block ``A ⊗ G``; its bias is added at the output locations. A bias has
+the one factor ``G`` over all output channels, also for a grouped convolution (a bias's
+block is then exact for one data point at one location).
+The reference checks ``s_l = W̃ a_l + b`` (for a transposed
+convolution ``s = col2im(c) + b``, by loops) on every call, so its patches are tested on
+every use. Attention (:func:`attention_forward`) is written out, with its projections
+as explicit Linear maps.
 """
 
 from __future__ import annotations
@@ -272,24 +280,43 @@ def _forward(model: nn.Module, x: Any) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ Hessian
+def _holders(model: nn.Module, params: list[Tensor]) -> list[list[tuple[nn.Module, str]]]:
+    """Per parameter every ``(module, attribute)`` holding it (a module registered twice
+    and tied weights included)."""
+    out: list[list[tuple[nn.Module, str]]] = [[] for _ in params]
+    index = {id(p): i for i, p in enumerate(params)}
+    for m in {id(m): m for _, m in model.named_modules(remove_duplicate=False)}.values():
+        for attr, p in m._parameters.items():
+            if p is not None and id(p) in index:
+                out[index[id(p)]].append((m, attr))
+    return out
+
+
 def hessian(
     model: nn.Module, x: Any, y: Tensor, likelihood: str, vectorize: bool = False
 ) -> Tensor:
     """``(P, P)`` by ``torch.autograd.functional.hessian`` of θ ↦ Σ_n ℓ_n (math attention).
 
-    θ is swapped in with ``torch.func.functional_call(strict=False, tie_weights=True)``
-    under the first name of each trainable Parameter; the other trainable-free parameters
-    and buffers stay the module's own.
+    θ is swapped in for every holder of each trainable Parameter (tied weights and modules
+    registered twice included), and the Parameters are put back afterwards.
     """
-    sel = trainable(model)
-    names = [n for n, _ in sel]
-    shapes = [p.shape for _, p in sel]
-    sizes = [p.numel() for _, p in sel]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in sel])
+    sel = [p for _, p in trainable(model)]
+    shapes = [p.shape for p in sel]
+    sizes = [p.numel() for p in sel]
+    theta = torch.cat([p.detach().reshape(-1) for p in sel])
+    holders = _holders(model, sel)
 
     def total(t: Tensor) -> Tensor:
-        params = {n: c.view(s) for n, c, s in zip(names, t.split(sizes), shapes, strict=True)}
-        f = torch.func.functional_call(model, params, (x,), strict=False, tie_weights=True)
+        values = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+        try:
+            for hs, v in zip(holders, values, strict=True):
+                for m, attr in hs:
+                    m._parameters[attr] = v
+            f = model(x)
+        finally:
+            for hs, p in zip(holders, sel, strict=True):
+                for m, attr in hs:
+                    m._parameters[attr] = p
         return sample_losses(likelihood, f, y).sum()
 
     with _math_attention():
@@ -415,10 +442,9 @@ def _linear_weights(module: nn.Module, W: Tensor) -> list[Tensor]:
         return [W.T]  # stored (V, D): s = W^T onehot
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         g = module.groups
-        in_g = W.shape[0] // g  # stored (in, out/g, *k)
-        return [
-            W[i * in_g : (i + 1) * in_g].transpose(0, 1).reshape(W.shape[1], -1) for i in range(g)
-        ]
+        in_g = W.shape[0] // g  # stored (in, out/g, *k): per input location l the column
+        # c_l = W_g^T x_l (out/g * k entries) is scattered over the output (col2im)
+        return [W[i * in_g : (i + 1) * in_g].reshape(in_g, -1).T for i in range(g)]
     if isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
         out_g = W.shape[0] // g  # stored (out, in/g, *k)
@@ -484,12 +510,17 @@ class LayerTerms:
         Output channels of each group.
     index : list of Tensor
         Per group, ``(out_g, r_g)`` stored flat indices of the weight.
+    J_bias : Tensor or None
+        ``(B, K, L_out, C_out)`` for a transposed convolution, whose weight is a map per
+        input location (``a`` the input pixel, ``J`` the output cotangents it reaches) and
+        whose bias is added at the output locations.
     """
 
     a: list[Tensor]
     J: Tensor
     groups: list[slice]
     index: list[Tensor]
+    J_bias: Tensor | None = None
 
 
 def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[list, list]:
@@ -504,6 +535,13 @@ def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[l
         if module.padding_idx is not None:
             oh[..., module.padding_idx] = 0  # the padding row gets no gradient
         return [oh], [slice(0, module.embedding_dim)]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        g = module.groups
+        a = inp.reshape(B, inp.shape[1], -1).transpose(1, 2)  # (B, L_in, C_in)
+        in_g, cols = inp.shape[1] // g, out.shape[1] // g * math.prod(module.kernel_size)
+        return [a[..., i * in_g : (i + 1) * in_g] for i in range(g)], [
+            slice(i * cols, (i + 1) * cols) for i in range(g)
+        ]
     if isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
         c_in = inp.shape[1]
@@ -514,6 +552,39 @@ def _inputs_per_location(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[l
         a = [patches[:, :, i * in_g : (i + 1) * in_g].flatten(2) for i in range(g)]
         return a, [slice(i * out_g, (i + 1) * out_g) for i in range(g)]
     raise ValueError(f"no K-FAC definition for {type(module).__name__}")
+
+
+def _transpose_offsets(module: nn.modules.conv._ConvTransposeNd, in_spatial, out_spatial):
+    """``(input location, κ, output position)`` for every pair that meets inside the output:
+    ``o = i·stride − pad + κ·dilation``."""
+    k, st, dil, pad = module.kernel_size, module.stride, module.dilation, module.padding
+    locs = list(itertools.product(*[range(n) for n in in_spatial]))
+    for li, i in enumerate(locs):
+        for kap in itertools.product(*[range(kk) for kk in k]):
+            o = [i[d] * st[d] - pad[d] + kap[d] * dil[d] for d in range(len(k))]
+            if all(0 <= o[d] < out_spatial[d] for d in range(len(k))):
+                yield li, kap, o
+
+
+def _transpose_columns(module: nn.modules.conv._ConvTransposeNd, g: Tensor, in_spatial) -> Tensor:
+    """``(M, L_in, C_out * k)``: per input location and kernel offset κ the entry of
+    ``g (M, C_out, *out)`` at the output position it reaches (0 if none), ordered
+    (channel, κ) like the stored weight's ``(out/g, *k)`` (by loops)."""
+    M, C = g.shape[:2]
+    L = math.prod(in_spatial)
+    out = torch.zeros(M, L, C, *module.kernel_size, dtype=g.dtype)
+    for li, kap, o in _transpose_offsets(module, in_spatial, g.shape[2:]):
+        out[(slice(None), li, slice(None), *kap)] = g[(slice(None), slice(None), *o)]
+    return out.reshape(M, L, -1)
+
+
+def _col2im(module: nn.modules.conv._ConvTransposeNd, cols: Tensor, in_spatial, out_shape):
+    """The output ``(C_out, *out)`` without bias from the columns ``(L_in, C_out * k)``."""
+    out = torch.zeros(*out_shape, dtype=cols.dtype)
+    c = cols.reshape(cols.shape[0], out_shape[0], *module.kernel_size)
+    for li, kap, o in _transpose_offsets(module, in_spatial, out_shape[1:]):
+        out[(slice(None), *o)] += c[(li, slice(None), *kap)]
+    return out
 
 
 def _out_per_location(module: nn.Module, s: Tensor) -> Tensor:
@@ -540,14 +611,19 @@ def _owner_modules(model: nn.Module, names: list[str]) -> dict[str, tuple[str, n
     return out
 
 
-def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[LayerTerms | None]:
-    """Per-location inputs and output Jacobians of ``modules`` (``None``: never called).
+def _sub_batch(x: Any, B: int) -> Any:
+    """The first ``B - 1`` data points of ``x`` (a tensor or a dict of tensors)."""
+    if isinstance(x, dict):
+        return {
+            k: v[: B - 1] if isinstance(v, Tensor) and v.shape[:1] == (B,) else v
+            for k, v in x.items()
+        }
+    return x[: B - 1]
 
-    One forward pass with hooks (removed afterwards) that record each module's input and
-    pass on a copy of its output (so later in-place operations cannot change it); then one
-    backward pass per sample and flattened output. Raises for a module called twice, and
-    checks ``s_l = W̃_g a_l + b`` for every module.
-    """
+
+def _record_calls(model: nn.Module, x: Any, modules: list[nn.Module]) -> tuple[Tensor, dict]:
+    """One forward pass (with grad); per module its calls ``(input, output)``. Each hook
+    passes a copy of the output on, so later in-place operations cannot change it."""
     records: dict[int, list] = {id(m): [] for m in modules}
 
     def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -561,48 +637,273 @@ def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[Laye
     finally:
         for h in handles:
             h.remove()
+    return f, records
+
+
+def _batch_dims(model: nn.Module, x: Any, modules: list[nn.Module], records: dict, B: int):
+    """Per module and call the dimension holding the data points, or ``None`` (a tensor
+    shared by all of them): the dimension of the call's input and output that shrinks
+    by one when the model runs on the first ``B - 1`` data points (``B > 1``)."""
+    if B == 1:  # one data point: a leading dimension of size 1 is its own, else shared
+        return {
+            id(m): [0 if i.shape[:1] == o.shape[:1] == (1,) else None for i, o in records[id(m)]]
+            for m in modules
+        }
+    with torch.no_grad():
+        _, sub = _record_calls(model, _sub_batch(x, B), modules)
+    out = {}
+    for m in modules:
+        calls, small = records[id(m)], sub[id(m)]
+        if len(calls) != len(small):
+            raise ValueError(
+                f"K-FAC reference: {type(m).__name__} runs a data-dependent number of times"
+            )
+        dims = []
+        for (inp, o), (inp_s, o_s) in zip(calls, small, strict=True):
+            found = [
+                d
+                for d in range(o.ndim)
+                if o.shape[d] == B
+                and o_s.shape[d] == B - 1
+                and inp.ndim > d
+                and inp.shape[d] == B
+                and inp_s.shape[d] == B - 1
+            ]
+            if len(found) > 1:
+                raise ValueError(f"K-FAC reference: several batch dimensions {found}")
+            dims.append(found[0] if found else None)
+        out[id(m)] = dims
+    return out
+
+
+def layer_terms(model: nn.Module, x: Any, modules: list[nn.Module]) -> list[LayerTerms | None]:
+    """Per-location inputs and output Jacobians of ``modules`` (``None``: never called).
+
+    One forward pass with hooks (removed afterwards) that record each call's input and
+    output, and one on ``B - 1`` data points that finds each call's batch dimension
+    (:func:`_batch_dims`; a call without one, such as a position embedding computed once,
+    is shared by every data point); then one backward pass per sample and flattened output.
+    A module called several times contributes the locations of every call (weight
+    sharing). Checks ``s_l = W̃_g a_l + b`` for every call.
+    """
+    f, records = _record_calls(model, x, modules)
     B = f.shape[0]
     ff = f.reshape(B, -1)
     K = ff.shape[1]
-    called = []
-    for m in modules:
-        if len(records[id(m)]) > 1:
-            raise ValueError(f"K-FAC reference: {type(m).__name__} called more than once")
-        called.append(bool(records[id(m)]))
-    outs = [records[id(m)][0][1] for m, c in zip(modules, called, strict=True) if c]
-    per_layer = [[[None] * K for _ in range(B)] for _ in outs]
-    for n in range(B):
+    bdims = _batch_dims(model, x, modules, records, B)
+    outs = [o for m in modules for _, o in records[id(m)]]
+    per_call: list[list[list[Tensor]]] = [[[] for _ in range(B)] for _ in outs]
+    for n in range(B if outs else 0):
         for k in range(K):
             grads = torch.autograd.grad(ff[n, k], outs, retain_graph=True, allow_unused=True)
-            for i, g in enumerate(grads):
-                row = n if outs[i].shape[0] == B else 0  # an output broadcast over the batch
-                per_layer[i][n][k] = torch.zeros_like(outs[i][row]) if g is None else g[row]
+            for i, (g, o) in enumerate(zip(grads, outs, strict=True)):
+                per_call[i][n].append(torch.zeros_like(o) if g is None else g)
     result, i = [], 0
-    for m, c in zip(modules, called, strict=True):
-        if not c:
+    for m in modules:
+        calls = records[id(m)]
+        if not calls:
             result.append(None)
             continue
-        inp, s = records[id(m)][0]
-        s = s.detach()
-        if s.shape[0] != B:  # computed once for the batch (position embeddings): each
-            if s.shape[0] != 1:  # sample sees the same input
-                raise ValueError(f"K-FAC reference: {type(m).__name__} output {tuple(s.shape)}")
-            inp, s = inp.expand(B, *inp.shape[1:]), s.expand(B, *s.shape[1:])
-        a, groups = _inputs_per_location(m, inp, s)
-        Js = torch.stack([torch.stack(per_layer[i][n]) for n in range(B)])  # (B, K, *s[1:])
-        s_loc = _out_per_location(m, s)
-        J = _out_per_location(m, Js.flatten(0, 1)).reshape(B, K, *s_loc.shape[1:])
+        a_parts, J_parts, Jb_parts = [], [], []
+        for (inp, s), d in zip(calls, bdims[id(m)], strict=True):
+            s = s.detach()
+            g = torch.stack([torch.stack(per_call[i][n]) for n in range(B)])  # (B, K, *s)
+            i += 1
+            if d is None:  # shared by the batch: every sample sees the same input
+                lead = s.shape[0] == 1 and inp.shape[0] == 1
+                inp = inp if lead else inp.unsqueeze(0)
+                s1 = s if lead else s.unsqueeze(0)
+                inp, s = inp.expand(B, *inp.shape[1:]), s1.expand(B, *s1.shape[1:])
+                g = g.squeeze(2) if lead else g
+            else:  # the n-th slice along d is sample n's
+                inp, s = inp.movedim(d, 0), s.movedim(d, 0)
+                g = g.movedim(d + 2, 2)
+                g = torch.stack([g[n, :, n] for n in range(B)])  # (B, K, *s[1:])
+            a, groups = _inputs_per_location(m, inp, s)
+            s_loc = _out_per_location(m, s)
+            J = _out_per_location(m, g.flatten(0, 1)).reshape(B, K, *s_loc.shape[1:])
+            W = m.weight
+            lin = _linear_weights(m, W.detach())
+            recon = torch.cat([a_g @ w.T for a_g, w in zip(a, lin, strict=True)], dim=-1)
+            bias = m.bias.detach() if getattr(m, "bias", None) is not None else 0.0
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                # weight: a map per input location; bias: at the output locations
+                Jb_parts.append(J)
+                cols = _transpose_columns(m, g.flatten(0, 1), inp.shape[2:])
+                J = cols.reshape(B, K, *cols.shape[1:])
+                recon = torch.stack(
+                    [_col2im(m, recon[n], inp.shape[2:], s.shape[1:]) for n in range(B)]
+                )
+                recon, s_loc = _out_per_location(m, recon), s_loc - bias
+            else:
+                recon = recon + bias
+            if not torch.allclose(recon, s_loc, rtol=1e-10, atol=1e-10):
+                raise AssertionError(f"K-FAC reference: s = W a + b fails for {type(m).__name__}")
+            a_parts.append(a)
+            J_parts.append(J)
+        a = [torch.cat([p[j] for p in a_parts], dim=1) for j in range(len(a_parts[0]))]
+        J = torch.cat(J_parts, dim=2)
         W = m.weight
-        lin = _linear_weights(m, W.detach())
         index = _linear_weights(m, torch.arange(W.numel()).view(W.shape))
-        recon = torch.cat([a_g @ w.T for a_g, w in zip(a, lin, strict=True)], dim=-1)
-        if getattr(m, "bias", None) is not None:
-            recon = recon + m.bias.detach()
-        if not torch.allclose(recon, s_loc, rtol=1e-10, atol=1e-10):
-            raise AssertionError(f"K-FAC reference: s = W a + b fails for {type(m).__name__}")
-        result.append(LayerTerms(a, J, groups, index))
-        i += 1
+        J_bias = torch.cat(Jb_parts, dim=2) if Jb_parts else None
+        result.append(LayerTerms(a, J, groups, index, J_bias))
     return result
+
+
+# ------------------------------------------------------------------------------ attention
+def _attention_params(model: nn.Module) -> dict[int, tuple[nn.MultiheadAttention, str]]:
+    """``id(param) -> (attention module, name)`` for every ``nn.MultiheadAttention``
+    parameter with a K-FAC definition (its projections; ``out_proj.*`` included)."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in (
+                "in_proj_weight",
+                "in_proj_bias",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+            ):
+                p = m._parameters.get(attr)
+                if p is not None:
+                    out[id(p)] = (m, attr)
+            for attr in ("weight", "bias"):
+                p = m.out_proj._parameters.get(attr)
+                if p is not None:
+                    out[id(p)] = (m, "out_proj." + attr)
+    return out
+
+
+def attention_forward(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    record: Any = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` written out (batched inputs, eval, no masks).
+
+    The maps linear in the weights are explicit tensors, each passed through
+    ``record(name, a (B, L, in), s (B, L, out)) -> s``: ``"in"`` (the packed projection of
+    self-attention, query is key is value), else ``"q"``, ``"k"``, ``"v"``; then ``"out"``.
+    """
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise NotImplementedError("reference attention: masks are not implemented")
+    if mha.bias_k is not None or mha.add_zero_attn or query.dim() != 3:
+        raise NotImplementedError("reference attention: bias_k/add_zero_attn/unbatched")
+    record = record or (lambda name, a, s: s)
+    same = query is key and key is value
+
+    def bf(t: Tensor) -> Tensor:
+        return t if mha.batch_first else t.transpose(0, 1)
+
+    xq, xk, xv = bf(query), bf(key), bf(value)
+    E, H = mha.embed_dim, mha.num_heads
+    d = E // H
+    b = mha.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else b.split(E)
+
+    def lin(t: Tensor, w: Tensor, bb: Tensor | None) -> Tensor:
+        out = torch.einsum("ble,oe->blo", t, w)
+        return out if bb is None else out + bb
+
+    if mha._qkv_same_embed_dim and same:
+        s = record("in", xq, lin(xq, mha.in_proj_weight, b))
+        sq, sk, sv = s.split(E, dim=-1)
+    else:
+        if mha._qkv_same_embed_dim:
+            wq, wk, wv = mha.in_proj_weight.split(E)
+        else:
+            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        sq = record("q", xq, lin(xq, wq, bq))
+        sk = record("k", xk, lin(xk, wk, bk))
+        sv = record("v", xv, lin(xv, wv, bv))
+    B, L, S = sq.shape[0], sq.shape[1], sk.shape[1]
+    qh = sq.reshape(B, L, H, d).transpose(1, 2)
+    kh = sk.reshape(B, S, H, d).transpose(1, 2)
+    vh = sv.reshape(B, S, H, d).transpose(1, 2)
+    w = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, H, L, S)
+    h = (w @ vh).transpose(1, 2).reshape(B, L, E)
+    o = record("out", h, lin(h, mha.out_proj.weight, mha.out_proj.bias))
+    weights = None
+    if need_weights:
+        weights = w.mean(1) if average_attn_weights else w
+    return bf(o), weights
+
+
+def attention_terms(model: nn.Module, x: Any, mha: nn.MultiheadAttention) -> dict:
+    """Per map of ``mha`` (:func:`attention_forward`): ``(a (B, L, in), J (B, K, L, out))``
+    with :math:`J_{nkl} = \\partial f_{nk} / \\partial s_{nl}`, from one forward pass with
+    the module's forward written out (checked against the module) and one backward pass per
+    sample and output."""
+    rec: dict[str, list] = {}
+
+    def record(name: str, a: Tensor, s: Tensor) -> Tensor:
+        rec.setdefault(name, []).append((a.detach(), s))
+        return s
+
+    def forward(*args, **kwargs):
+        return attention_forward(mha, *args, record=record, **kwargs)
+
+    mha.forward = forward
+    try:
+        with torch.enable_grad():
+            f = model(x)
+    finally:
+        del mha.forward
+    with torch.no_grad(), _math_attention():
+        f_module = model(x)
+    if not torch.allclose(f.detach(), f_module, rtol=1e-10, atol=1e-12):
+        raise AssertionError("reference attention differs from nn.MultiheadAttention")
+    if any(len(v) > 1 for v in rec.values()):
+        raise ValueError("K-FAC reference: MultiheadAttention called more than once")
+    names = list(rec)
+    outs = [rec[n][0][1] for n in names]
+    B = f.shape[0]
+    ff = f.reshape(B, -1)
+    J = {n: [] for n in names}
+    for i in range(B):
+        per = {n: [] for n in names}
+        for k in range(ff.shape[1]):
+            grads = torch.autograd.grad(ff[i, k], outs, retain_graph=True, allow_unused=True)
+            for n, g, o in zip(names, grads, outs, strict=True):
+                per[n].append(torch.zeros_like(o[i]) if g is None else g[i])
+        for n in names:
+            J[n].append(torch.stack(per[n]))
+    return {n: (rec[n][0][0], torch.stack(J[n])) for n in names}
+
+
+def _attention_block(terms: dict, mha: nn.MultiheadAttention, attr: str, M, N, approx):
+    """``(factors, index)`` of the K-FAC block of one attention parameter (KFACBlock)."""
+    E = mha.embed_dim
+
+    def GA(name: str) -> tuple[Tensor, Tensor]:
+        a, J = terms[name]
+        return _g_factor(J, M, approx), _a_factor(a, N, approx)
+
+    if attr.startswith("out_proj."):
+        G, A = GA("out")
+        if attr.endswith("bias"):
+            return [(G, None)], [torch.arange(E).unsqueeze(1)]
+        return [(G, A)], [torch.arange(E * E).view(E, E)]
+    if attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        w = mha._parameters[attr]
+        return [GA(attr[0])], [torch.arange(w.numel()).view(w.shape)]
+    packed = "in" in terms
+    if attr == "in_proj_bias":
+        if packed:
+            return [(GA("in")[0], None)], [torch.arange(3 * E).unsqueeze(1)]
+        rows = torch.arange(3 * E).unsqueeze(1)
+        return [(GA(n)[0], None) for n in "qkv"], [rows[i * E : (i + 1) * E] for i in range(3)]
+    index = torch.arange(3 * E * E).view(3 * E, E)
+    if packed:
+        return [GA("in")], [index]
+    return [GA(n) for n in "qkv"], [index[i * E : (i + 1) * E] for i in range(3)]
 
 
 @dataclass
@@ -670,14 +971,17 @@ def kfac(
     Raises
     ------
     ValueError
-        A trainable parameter outside a layer with a K-FAC definition, shared by two
-        modules, or a layer called twice.
+        A trainable parameter outside a layer with a K-FAC definition or shared by two
+        modules.
     """
     sel = trainable(model)
     if names is not None:
         by_name = dict(sel)
         sel = [(n, by_name[n]) for n in names]
     names = [n for n, _ in sel]
+    attn = _attention_params(model)
+    attn_names = [n for n, p in sel if id(p) in attn]
+    names = [n for n in names if n not in attn_names]
     owners = _owner_modules(model, names)
     hf_conv1d = _conv1d_type()
     types = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd) + (
@@ -701,7 +1005,16 @@ def kfac(
         else:
             raise ValueError(f"curvature must be 'ggn' or 'ef' (or pass M), got {curvature!r}")
     blocks = []
+    attn_terms: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
     for name, p in sel:
+        if name in attn_names:
+            mha, attr = attn[id(p)]
+            if id(mha) not in attn_terms:
+                attn_terms[id(mha)] = attention_terms(model, x, mha)
+            factors, index = _attention_block(attn_terms[id(mha)], mha, attr, M, N, approx)
+            kind = "bias" if attr.endswith("bias") else "weight"
+            blocks.append(KFACBlock(name, kind, "", factors, index, p.numel()))
+            continue
         path, mod, attr = owners[name]
         t = terms[id(mod)]
         index = _linear_weights(mod, torch.arange(mod.weight.numel()).view(mod.weight.shape))
@@ -717,17 +1030,19 @@ def kfac(
                     )
                     for i in index
                 ]
+        elif attr == "bias":
+            G = _g_factor(t.J if t.J_bias is None else t.J_bias, M, approx)
+            factors = [(G, None)]
         else:
             G = _g_factor(t.J, M, approx)
-            if attr == "bias":
-                factors = [(G, None)]
-            else:
-                factors = [
-                    (G[gs, gs], _a_factor(a, N, approx))
-                    for a, gs in zip(t.a, t.groups, strict=True)
-                ]
+            factors = [
+                (G[gs, gs], _a_factor(a, N, approx)) for a, gs in zip(t.a, t.groups, strict=True)
+            ]
         if attr == "bias":
-            index = [torch.arange(p.numel()).unsqueeze(1)]
+            rows = torch.arange(p.numel()).unsqueeze(1)
+            index = [rows]
+            if t is None:
+                factors = [(torch.zeros(len(i), len(i), dtype=p.dtype), None) for i in index]
         blocks.append(KFACBlock(name, attr, path, factors, index, p.numel()))
     return blocks
 
@@ -812,3 +1127,36 @@ def kron_rel_err(factors: list[Tensor], ref: list[Tensor]) -> float:
     if ny == 0:
         return math.sqrt(nx)
     return math.sqrt(max(nx + ny - 2 * xy, 0.0) / ny)
+
+
+def kron_blocks(
+    model: nn.Module,
+    x: Any,
+    y: Tensor,
+    likelihood: str,
+    curvature: str = "ggn",
+    approx: str = "expand",
+    N: int | None = None,
+) -> list[tuple[str, Tensor, str]]:
+    """Per trainable parameter ``(name, dense block, "kfac" | "exact")``: the K-FAC
+    definition (:func:`kfac`) where its layer has one, else the exact curvature block
+    :math:`\\sum_n J_n^\\top M_n J_n` restricted to it (normalization layers, bare
+    parameters, tied weights), which is what curvlib's K-FAC returns there."""
+    J, f = jacobians(model, x)
+    if curvature == "ggn":
+        M = output_hessians(f, y, likelihood)
+    elif curvature == "ef":
+        r = output_grads(f, y, likelihood)
+        M = r.unsqueeze(-1) * r.unsqueeze(-2)
+    else:
+        raise ValueError(f"curvature must be 'ggn' or 'ef', got {curvature!r}")
+    exact = torch.einsum("nkp,nkj,njq->pq", J, M, J)
+    out = []
+    for name, sl in param_index(model).items():
+        try:
+            (block,) = kfac(model, x, y, likelihood, M=M, approx=approx, N=N, names=[name])
+        except ValueError:
+            out.append((name, exact[sl, sl], "exact"))
+        else:
+            out.append((name, block.dense(), "kfac"))
+    return out

@@ -42,6 +42,7 @@ pass and builds ``full``/``diag`` from ASDL's (exact) per-sample products instea
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ with warnings.catch_warnings():  # asdfghjkl 0.1a4 uses the deprecated torch.jit
 from curvlib._call import Call
 from curvlib._checks import Records
 from curvlib._hygiene import preserved_model
-from curvlib.errors import CapabilityError, InputError
+from curvlib.errors import CapabilityError, UnsupportedModuleError
 from curvlib.interface import EFInterface, GGNInterface, HessianInterface
 from curvlib.kron import Kron
 
@@ -76,19 +77,42 @@ _HESSIAN_ATTRS = {
 }
 
 
-class _WeightSharing(Exception):
-    """Raised inside the forward pass: a layer is applied to a sequence."""
+class _Fallback(Exception):
+    """Raised inside the forward pass: ASDL's dense and diagonal makers would be wrong."""
 
 
-def _shared_locations(module: nn.Module, inp: Tensor) -> int:
-    """Number ``L`` of weight-sharing locations ASDL would treat as separate samples."""
+class _WeightSharing(_Fallback):
+    """A layer is applied to a sequence (ASDL would treat every location as a sample)."""
+
+
+class _NotRun(_Fallback):
+    """A module owning selected parameters never ran (ASDL has no result for it)."""
+
+
+def _shared_locations(module: nn.Module, inp: Tensor, B: int) -> int:
+    """Number ``L`` of weight-sharing locations per data point of a layer ASDL treats row by
+    row (every row of the flattened input a sample); ``B`` is the batch size."""
     if isinstance(module, nn.Linear):
-        return int(torch.Size(inp.shape[1:-1]).numel())
+        return int(inp.numel() // max(1, inp.shape[-1] * B))
     if isinstance(module, nn.LayerNorm):
-        return int(torch.Size(inp.shape[1 : inp.ndim - len(module.normalized_shape)]).numel())
+        return int(inp.numel() // max(1, math.prod(module.normalized_shape) * B))
     if isinstance(module, nn.Embedding):
-        return int(torch.Size(inp.shape[1:]).numel())
+        return int(inp.numel() // max(1, B))
     return 1  # Conv2d and BatchNorm reduce their locations themselves
+
+
+def _batch_first(module: nn.Module, a: Tensor, B: int) -> bool:
+    """Whether the input ``a`` of ``module`` holds the batch along dimension 0 beyond doubt
+    (``(L, B, E)`` with ``L = B`` would be indistinguishable from ``(B, L, E)``)."""
+    if a.ndim == 0 or a.shape[0] != B:
+        return False
+    if isinstance(module, nn.Embedding):
+        positions = a.shape[1:]
+    elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+        positions = a.shape[1:-1]
+    else:  # convolutions and batch norms: (B, C, *spatial)
+        return True
+    return B == 1 or B not in positions
 
 
 class _AsdlBase:
@@ -114,14 +138,18 @@ class _AsdlBase:
 
     @contextmanager
     def _checked_forward(
-        self, call: Call, y: Tensor | None, shared: str = "raise"
+        self, call: Call, y: Tensor | None, shared: str = "raise", batch_first: bool = True
     ) -> Iterator[tuple[Callable[[Any], Tensor], dict[int, int]]]:
         """``(model_fn, L)``: the forward pass given to ASDL, validating before backward.
 
         ``model_fn(inp)`` protects the outputs of the hooked layers (hooks registered after
-        ASDL's), runs the model through ``call.forward``, checks that every hooked layer ran
-        once, and records in ``L`` the weight-sharing locations of each layer. With
-        ``shared="raise"`` a layer applied to a sequence raises :class:`_WeightSharing`.
+        ASDL's), runs the model through ``call.forward``, checks that no hooked layer ran
+        more than once, and records in ``L`` the weight-sharing locations of each layer that
+        ran (a layer that never ran is absent). With ``shared="raise"`` a layer applied to a
+        sequence raises :class:`_WeightSharing`, a layer that never ran :class:`_NotRun`.
+        With ``batch_first`` a layer whose input does not hold the batch along its first
+        dimension (inside ``nn.TransformerEncoderLayer(batch_first=False)``) is refused:
+        ASDL's per-sample quantities read the first dimension as the batch.
         """
         mods = self._owners()
         locations: dict[int, int] = {}
@@ -142,9 +170,22 @@ class _AsdlBase:
                 for h in handles:
                     h.remove()
             self._dynamic_check(call, records, f)
-            for _, m in mods:
-                a = records.calls[id(m)][0].inp if records.calls.get(id(m)) else None
-                locations[id(m)] = 1 if a is None else _shared_locations(m, a)
+            B = f.shape[0]
+            for path, m in mods:
+                if not records.calls.get(id(m)):
+                    if shared == "raise":
+                        raise _NotRun()
+                    continue  # absent from L: its parameters' results are zero
+                a = records.calls[id(m)][0].inp
+                if batch_first and isinstance(a, Tensor) and not _batch_first(m, a, B):
+                    raise UnsupportedModuleError(
+                        f"backend 'asdl' cannot compute {call.what!r} for module "
+                        f"{path or '<root>'!r} of type {type(m).__name__}: its input of shape "
+                        f"{tuple(a.shape)} does not plainly hold the batch of {B} along its "
+                        "first dimension, which ASDL reads as the batch; backends that can: "
+                        "'autograd', 'auto'"
+                    )
+                locations[id(m)] = 1 if a is None else _shared_locations(m, a, B)
                 if shared == "raise" and locations[id(m)] > 1:
                     raise _WeightSharing()
             return f
@@ -159,7 +200,7 @@ class _AsdlBase:
         B = call.B
         mods = [m for _, m in self._owners()]
         params = self.params
-        with self._session(), self._checked_forward(call, y, shared="keep") as (model_fn, _):
+        with self._session(), self._checked_forward(call, y, shared="keep") as (model_fn, L):
             with extend(self._model, OP_BATCH_GRADS) as cxt:
                 with torch.enable_grad():
                     f = model_fn(call.inp)
@@ -178,6 +219,10 @@ class _AsdlBase:
                     for m in mods:
                         for name, g in (cxt.batch_grads(m) or {}).items():
                             per_param[id(getattr(m, name))] = g.reshape(B, -1, g[0].numel()).sum(1)
+                    for m in mods:  # a module that never ran: zero products
+                        if id(m) not in L:
+                            for p in m.parameters(recurse=False):
+                                per_param[id(p)] = p.new_zeros(B, p.numel())
                     rows.append(torch.cat([per_param[id(p)] for p in params], dim=1))
         return f.detach(), torch.stack(rows, dim=1)
 
@@ -253,8 +298,9 @@ class _AsdlFisher(_AsdlBase):
             ignore_modules=ignore,
             **_FISHER_ATTRS,
         )
-        shared = "keep" if shape == SHAPE_KRON else "raise"
-        with self._session(), self._checked_forward(call, y, shared) as (model_fn, L):
+        kron = shape == SHAPE_KRON  # ASDL's factors sum over every row: any batch layout
+        shared = "keep" if kron else "raise"
+        with self._session(), self._checked_forward(call, y, shared, not kron) as (model_fn, L):
             fm = get_fisher_maker(self._model, cfg)
             dummy = fm.setup_model_call(model_fn, inp)
             fm.setup_loss_call(self.lossfunc, dummy, y)
@@ -289,10 +335,11 @@ class _AsdlFisher(_AsdlBase):
         state = call.generator_state()
         try:
             f, H, _ = self._run_fisher(call, shape, read)
-        except _WeightSharing:
-            # a layer on sequences: ASDL's makers would treat every location as a sample;
-            # build the result from ASDL's (exact) per-sample products instead, with the
-            # same MC draws (the generator is put back)
+        except _Fallback:
+            # a layer on sequences (ASDL's makers would treat every location as a sample)
+            # or one that never ran (they have no result for it): the result from ASDL's
+            # (exact) per-sample products instead, with the same MC draws (the generator
+            # is put back)
             call.restore_generator(state)
             base = GGNInterface if self.curvature_name() == "ggn" else EFInterface
             return getattr(base, "_" + structure)(self, call)
@@ -312,24 +359,27 @@ class _AsdlFisher(_AsdlBase):
         Conv2d; the other selected parameters from curvlib's rule table in a second pass."""
         from asdl.matrices import SHAPE_KRON
 
-        if call.kfac_approx == "reduce":  # equal to expand only without weight sharing
-            convs = [p for p, m in self._owners() if isinstance(m, nn.Conv2d)]
-            if convs:
-                raise self._reduce_error(f"convolutions {convs}")
-            try:
-                with self._session(), self._checked_forward(call, call.y, "raise") as (fn, _):
-                    with torch.no_grad():
-                        fn(call.inp)
-            except _WeightSharing:
-                raise self._reduce_error("layers applied to sequences") from None
+        state = call.generator_state()  # both passes see the same MC draws
         native = [(p, m) for p, m in self._owners() if not call.cap.refusal(m, True)]
         native_ids = {id(m) for _, m in native}
+        if call.kfac_approx == "reduce":  # equal to expand only without weight sharing
+            # (the layers curvlib's rules compute follow kfac_approx themselves)
+            convs = [p for p, m in native if isinstance(m, nn.Conv2d)]
+            if convs:
+                raise self._reduce_error(f"convolutions {convs}")
+            checked = self._checked_forward(call, call.y, "keep", batch_first=False)
+            with self._session(), checked as (fn, locs):
+                with torch.no_grad():
+                    fn(call.inp)
+            shared = [p for p, m in native if locs.get(id(m), 1) > 1]
+            if shared:
+                raise self._reduce_error(f"layers applied to sequences {shared}")
 
         def read(model: nn.Module, attr: str) -> dict[int, tuple[Tensor, Tensor | None]]:
             return {
                 id(m): (getattr(m, attr).kron.B, getattr(m, attr).kron.A)
                 for _, m in native
-                if getattr(m, attr, None) is not None
+                if getattr(getattr(m, attr, None), "kron", None) is not None
             }
 
         ignore = [m for m in self._model.modules() if id(m) not in native_ids]
@@ -344,8 +394,8 @@ class _AsdlFisher(_AsdlBase):
         }
         entries: dict[int, list[Tensor]] = {}
         for p in self.params:
-            if id(p) not in owner:
-                continue
+            if id(p) not in owner or id(owner[id(p)][0]) not in L:
+                continue  # not native, or never ran (zero entries from the rule table)
             m, kind = owner[id(p)]
             G, A = factors[id(m)]
             if kind == "weight":
@@ -355,6 +405,7 @@ class _AsdlFisher(_AsdlBase):
                 entries[id(p)] = [(G * scale).clone()]
         rest = [p for p in self.params if id(p) not in entries]
         if rest:
+            call.restore_generator(state)
             entries.update(self._shared_kron(call, rest, native_ids))
         return call.loss(f), Kron([entries[id(p)] for p in self.params])
 
@@ -426,26 +477,63 @@ class AsdlHessian(_AsdlBase, HessianInterface):
         dummy = hm.setup_model_call(model_fn, inp)
         hm.setup_loss_call(self.lik.loss, dummy, y)
 
+    def _used(self, call: Call) -> tuple[list[bool], Tensor]:
+        """Per selected parameter, whether the loss depends on it (ASDL's double backward
+        fails for one it does not depend on; its Hessian rows are zero); and the loss."""
+        with torch.enable_grad():
+            loss = self.lik.loss(call.forward(), call.y)
+        if not loss.requires_grad:
+            return [False] * len(self.params), loss.detach()
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [g is not None for g in grads], loss.detach()
+
+    def _used_only(self, call: Call) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Freeze (for the session) the parameters the loss does not depend on; returns the
+        others, their positions in the flat parameter vector, and the loss."""
+        params = self.params
+        used, loss = self._used(call)
+        sizes = [p.numel() for p in params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        idx = [
+            torch.arange(st, st + n, device=p.device)
+            for p, st, n, u in zip(params, starts, sizes, used, strict=True)
+            if u
+        ]
+        for p, u in zip(params, used, strict=True):
+            if not u:
+                p.requires_grad_(False)  # put back by the session
+        live = [p for p, u in zip(params, used, strict=True) if u]
+        return live, torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long), loss
+
     def _full(self, call: Call):
         from asdl.matrices import SHAPE_FULL
 
+        P, ref = self.num_params, self.params[0]
         with self._session():
-            hm = self._maker(SHAPE_FULL)
-            self._setup(hm, call, call.inp, call.y)
-            hm.forward_and_backward()
-            H = getattr(self._model, _HESSIAN_ATTRS["hessian_attr"]).data.clone()
-            loss = hm.loss.detach()
+            live, idx, loss = self._used_only(call)
+            H = ref.new_zeros(P, P)
+            if live:
+                hm = self._maker(SHAPE_FULL)
+                self._setup(hm, call, call.inp, call.y)
+                hm.forward_and_backward()
+                H_live = getattr(self._model, _HESSIAN_ATTRS["hessian_attr"]).data
+                H[idx[:, None], idx[None, :]] = H_live
+                loss = hm.loss.detach()
         return loss, call.select_full(H)
 
     def _diag(self, call: Call):
         from asdl.matrices import SHAPE_DIAG
 
+        P, ref = self.num_params, self.params[0]
         with self._session():
-            hm = self._maker(SHAPE_DIAG)
-            self._setup(hm, call, call.inp, call.y)
-            hm.forward_and_backward()
-            h = _read_diag(self._model, _HESSIAN_ATTRS["hessian_attr"], self.params)
-            loss = hm.loss.detach()
+            live, idx, loss = self._used_only(call)
+            h = ref.new_zeros(P)
+            if live:
+                hm = self._maker(SHAPE_DIAG)
+                self._setup(hm, call, call.inp, call.y)
+                hm.forward_and_backward()
+                h[idx] = _read_diag(self._model, _HESSIAN_ATTRS["hessian_attr"], live)
+                loss = hm.loss.detach()
         return loss, h
 
     def eig_lowrank(
@@ -487,68 +575,6 @@ class AsdlHessian(_AsdlBase, HessianInterface):
         loss : Tensor
             The reported loss summed over the loader, detached.
         """
-        import numpy as np
-        from asdl.matrices import SHAPE_FULL
-        from asdl.vector import ParamVector
-        from scipy.sparse.linalg import LinearOperator, eigsh
+        from curvlib.backends.asdl_lowrank import eig_lowrank
 
-        ref = self.params[0] if self.params else None
-        if ref is None:
-            raise InputError(
-                f"{type(self.model).__name__} has no parameters with requires_grad=True"
-            )
-        batches = [
-            tree_map(lambda t: t.to(ref.device) if isinstance(t, Tensor) else t, b)
-            for b in data_loader
-        ]
-        if not batches:
-            raise InputError("data_loader yielded no batches")
-        calls = [self._begin("full", xb, yb) for xb, yb in batches]
-        params = self.params
-        P = self.num_params
-        idx = calls[0].idx
-        n = P if idx is None else idx.numel()
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-            raise InputError(f"k must be an integer in [1, {n}], got {k!r}")
-        attr = _HESSIAN_ATTRS["hvp_attr"]
-        with self._session():
-            hm = self._maker(SHAPE_FULL)
-            loss = torch.zeros((), dtype=ref.dtype, device=ref.device)
-            for c in calls:
-                c.inp = self._features(c)
-                f = c.forward(grad=False)
-                loss = loss + c.loss(f)
-
-            def hvp(v: Tensor) -> Tensor:
-                if idx is not None:
-                    v = torch.zeros(P, dtype=v.dtype, device=v.device).index_copy_(0, idx, v)
-                vec = ParamVector(params, v)
-                out = torch.zeros(P, dtype=ref.dtype, device=ref.device)
-                for c in calls:
-                    self._setup(hm, c, c.inp, c.y)
-                    hm.forward_and_backward(hvp=True, vec=vec)
-                    out += getattr(self._model, attr).get_flatten_vector().detach()
-                return out if idx is None else out[idx]
-
-            if k >= n:
-                eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
-                H = torch.stack([hvp(e) for e in eye], dim=1)
-                vals, vecs = torch.linalg.eigh((H + H.T) / 2)
-                vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
-            else:
-                gen = generator if generator is not None else torch.Generator().manual_seed(0)
-                v0 = torch.randn(n, generator=gen, dtype=torch.float64, device=gen.device)
-
-                def matvec(v: np.ndarray) -> np.ndarray:
-                    t = torch.as_tensor(np.asarray(v).ravel(), dtype=ref.dtype, device=ref.device)
-                    return hvp(t).double().cpu().numpy()
-
-                op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-                w, V = eigsh(op, k=k, which="LA", v0=v0.cpu().numpy())
-                order = np.argsort(w)[::-1].copy()
-                vals = torch.from_numpy(w[order].copy()).to(ref.device, ref.dtype)
-                vecs = torch.from_numpy(V[:, order].copy()).to(ref.device, ref.dtype)
-        if positive_only:
-            keep = vals > 1e-6
-            vals, vecs = vals[keep], vecs[:, keep]
-        return vecs, vals, loss.detach()
+        return eig_lowrank(self, data_loader, k, generator, positive_only)

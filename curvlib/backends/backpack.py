@@ -69,11 +69,13 @@ from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.hbp.convnd import HBPConvNd
 from backpack.extensions.secondorder.hbp.linear import HBPLinear
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from curvlib._call import Call
 from curvlib._checks import Records
 from curvlib._hygiene import preserved_model
 from curvlib.capabilities import BACKPACK_KRON_LAYERS
+from curvlib.errors import InputError, UnsupportedModuleError
 from curvlib.interface import CurvatureInterface, EFInterface, GGNInterface, HessianInterface
 from curvlib.kfac.rules import Site, rule_for
 from curvlib.kron import Kron
@@ -140,6 +142,11 @@ def _kron_extension(ext: BackpropExtension, n_data: int, approx: str) -> Backpro
 
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _detached(inp: Any) -> Any:
+    """The input (a tensor or a dict of tensors) detached."""
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, inp)
 
 
 def _diag_hessian_wrap(S: Tensor) -> dict[str, list]:
@@ -230,7 +237,7 @@ class _BackPack:
         """One second-order backward pass; ``(loss, [savefield value per selected param])``."""
         lossfunc = type(self.lossfunc)(reduction="sum")
         with self._extended(self._leaves(), lossfunc) as records:
-            f = call.forward(call.inp.detach())
+            f = self._forward(call, _detached(call.inp))
             self._dynamic_check(call, records, f)
             extension.set_module_extension(
                 type(lossfunc), _Seed(cotangents(f), wrap), overwrite=True
@@ -256,16 +263,35 @@ class _BackPack:
         r = p[0].numel()
         return [G, p.new_zeros(r, r)]
 
+    def _forward(self, call: Call, inp: Any) -> Tensor:
+        """``call.forward(inp)``; an in-place operation on the output of a module BackPACK
+        hooks (its full backward hooks forbid that) is refused by name."""
+        try:
+            return call.forward(inp)
+        except InputError as err:
+            cause = err.__cause__
+            text = str(cause)
+            if isinstance(cause, RuntimeError) and "BackwardHookFunction" in text:
+                raise UnsupportedModuleError(
+                    f"backend 'backpack' cannot compute {call.what!r} for this model: an "
+                    "in-place operation changes the output of a module BackPACK hooks (such "
+                    "as `out += identity` after a BatchNorm in a residual block), which "
+                    "BackPACK's backward hooks forbid; backends that can: 'autograd', "
+                    "'auto', 'asdl'"
+                ) from cause
+            raise
+
     # -- hooks ----------------------------------------------------------------------------
     def _jacobians(self, call: Call) -> tuple[Tensor, Tensor]:
         r"""Per-sample Jacobians by ``BatchGrad``: one backward pass of :math:`\sum_n f_{n,c}`
         per output ``c``."""
-        inp = call.inp if call.enable_backprop else call.inp.detach()
+        inp = call.inp if call.enable_backprop else _detached(call.inp)
         # an input that requires grad must be differentiated too, or the first module's
         # full backward hook (which waits for the input's gradient) never fires
-        wrt = [*self.params, *([inp] if inp.requires_grad else [])]
+        leaves = [t for t in tree_leaves(inp) if isinstance(t, Tensor) and t.requires_grad]
+        wrt = [*self.params, *leaves]
         with self._extended(self._owners(), None) as records:
-            f = call.forward(inp)
+            f = self._forward(call, inp)
             self._dynamic_check(call, records, f)
             B, C = f.shape
             cols = []
@@ -284,7 +310,7 @@ class _BackPack:
     def _gradients(self, call: Call) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of the terms of ``lossfunc`` by ``BatchGrad``."""
         with self._extended(self._owners(), None) as records:
-            f = call.forward(call.inp.detach())
+            f = self._forward(call, _detached(call.inp))
             self._dynamic_check(call, records, f)
             loss = self.lossfunc(f, call.y)
             with backpack(BatchGrad()):
@@ -327,7 +353,7 @@ class BackPackEF(_BackPack, EFInterface):
         r"""Diagonal EF :math:`\sum_n g_n^2` by ``SumGradSquared`` of ``lossfunc``, times
         ``factor**2`` (the reported loss's terms are ``factor`` times those)."""
         with self._extended(self._owners(), None) as records:
-            f = call.forward(call.inp.detach())
+            f = self._forward(call, _detached(call.inp))
             self._dynamic_check(call, records, f)
             loss = self.lossfunc(f, call.y)
             with backpack(SumGradSquared()):

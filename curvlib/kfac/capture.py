@@ -64,24 +64,25 @@ def _modified(store: dict[int, list[Site]]) -> bool:
     )
 
 
-def _pull_back(f: Tensor, outs: list[Tensor], cot: Tensor, per_column: bool) -> list[Tensor]:
-    """Cotangents ``(K, *out.shape)`` of every tensor in ``outs`` (zeros where unused)."""
-    K = cot.shape[1]
+def _pull(f: Tensor, outs: list[Tensor], E: Tensor, per_column: bool, retain: bool) -> list[Tensor]:
+    """``(M, *out.shape)``: the cotangents of every tensor in ``outs`` for the ``M`` output
+    cotangents ``E (M, *f.shape)`` (zeros where an output does not depend on it)."""
+    M = E.shape[0]
     live = [i for i, o in enumerate(outs) if o.requires_grad]
     result: list[Tensor | None] = [None] * len(outs)
-    if live:
+    if live and M:
         targets = [outs[i] for i in live]
-        if K == 1:
-            grads = torch.autograd.grad(f, targets, cot[:, 0], allow_unused=True)
+        if M == 1:
+            grads = torch.autograd.grad(f, targets, E[0], retain_graph=retain, allow_unused=True)
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         elif per_column:
             # one backward pass per column: vmap has no batching rule for
             # convolution_backward and falls back to a slow loop
             cols = [
                 torch.autograd.grad(
-                    f, targets, cot[:, k], retain_graph=k < K - 1, allow_unused=True
+                    f, targets, E[k], retain_graph=retain or k < M - 1, allow_unused=True
                 )
-                for k in range(K)
+                for k in range(M)
             ]
             grads = []
             for per in zip(*cols, strict=True):
@@ -90,16 +91,95 @@ def _pull_back(f: Tensor, outs: list[Tensor], cot: Tensor, per_column: bool) -> 
             grads = torch.autograd.grad(
                 f,
                 targets,
-                grad_outputs=cot.transpose(0, 1).contiguous(),
+                grad_outputs=E,
+                retain_graph=retain,
                 is_grads_batched=True,
                 allow_unused=True,
             )
         for i, g in zip(live, grads, strict=True):
             result[i] = g
     return [
-        g if g is not None else o.new_zeros((K, *o.shape))
+        g if g is not None else o.new_zeros((M, *o.shape))
         for g, o in zip(result, outs, strict=True)
     ]
+
+
+# -- where the data points are in a site ---------------------------------------------------
+#: layout of a site whose tensors hold no batch dimension of their own (a position
+#: embedding computed once and broadcast over the batch, a module applied to a tensor
+#: shared by all data points): its cotangents are pulled back one data point at a time
+SHARED = -1
+
+
+def _shapes(site: Site) -> list[torch.Size]:
+    out = [site.out.shape]
+    if isinstance(site.a, Tensor):
+        out.append(site.a.shape)
+    return out
+
+
+def _plain(site: Site, B: int) -> bool:
+    """Batch dimension 0, beyond doubt: every tensor of the site has ``B`` rows and no other
+    dimension of size ``B`` (a 1-D integer input is ambiguous: tokens or positions)."""
+    if isinstance(site.a, Tensor) and site.a.ndim < 2 and B > 1:
+        return False
+    return all(len(s) >= 1 and s[0] == B and (B == 1 or B not in s[1:]) for s in _shapes(site))
+
+
+def _probe_dim(site: Site, g: Tensor, B: int) -> int:
+    """The batch dimension of a site from the cotangents ``g (2, *out.shape)`` of one data
+    point's output (the first, then the last): the dimension of size ``B`` along which
+    each is zero except at that data point's index; :data:`SHARED` if there is none."""
+    shapes = _shapes(site)
+    cands = [d for d in range(site.out.ndim) if all(len(s) > d and s[d] == B for s in shapes)]
+    if not bool(g.any()):  # no information: the site does not reach those outputs
+        return cands[0] if len(cands) == 1 else SHARED
+    for d in cands:
+        first, last = g[0].movedim(d, 0), g[1].movedim(d, 0)
+        if not bool(first[1:].any()) and not bool(last[:-1].any()):
+            return d
+    return SHARED
+
+
+def _layouts(f: Tensor, sites: list[Site], B: int, per_column: bool) -> list[int]:
+    """Per site its batch dimension, or :data:`SHARED` (see :func:`backprop_to_sites`)."""
+    layouts = [0] * len(sites)
+    probe = [i for i, s in enumerate(sites) if not _plain(s, B)]
+    if not probe:
+        return layouts
+    if B == 1:
+        for i in probe:
+            layouts[i] = SHARED  # one data point: the whole site is its own
+        return layouts
+    gen = torch.Generator(device=f.device).manual_seed(0)
+    E = f.new_zeros((2, *f.shape))
+    for j, n in enumerate((0, B - 1)):
+        E[j, n] = torch.randn(f.shape[1:], generator=gen, dtype=f.dtype, device=f.device)
+    grads = _pull(f, [sites[i].out for i in probe], E, per_column, retain=True)
+    for i, g in zip(probe, grads, strict=True):
+        layouts[i] = _probe_dim(sites[i], g, B)
+    return layouts
+
+
+def _batch_first(site: Site, d: int, g: Tensor, B: int) -> None:
+    """Set ``site.g`` and put the batch dimension first (``a``, ``out``: ``(B, ...)``,
+    ``g``: ``(K, B, ...)``); a :data:`SHARED` site gets one copy per data point."""
+    if d == SHARED:  # g: (K, B, *out.shape), data point n's cotangents in [:, n]
+        lead = site.out.ndim > 0 and site.out.shape[0] == 1
+        if isinstance(site.a, Tensor):
+            lead = lead and site.a.ndim > 0 and site.a.shape[0] == 1
+            a = site.a if lead else site.a.unsqueeze(0)
+            site.a = a.expand(B, *a.shape[1:])
+        out = site.out if lead else site.out.unsqueeze(0)
+        site.out = out.expand(B, *out.shape[1:])
+        site.g = g.squeeze(2) if lead else g
+        return
+    if d:
+        if isinstance(site.a, Tensor):
+            site.a = site.a.movedim(d, 0)
+        site.out = site.out.movedim(d, 0)
+        g = g.movedim(d + 1, 1)
+    site.g = g
 
 
 def backprop_to_sites(
@@ -108,6 +188,15 @@ def backprop_to_sites(
     cotangent_fn: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, Tensor, dict[int, list[Site]]]:
     """Forward with the layers recorded, then pull the cotangents back to every site.
+
+    A site's tensors need not have the data points along their first dimension: a layer
+    inside ``nn.TransformerEncoderLayer(batch_first=False)`` sees ``(L, B, E)``, a position
+    embedding ``(1, L)`` broadcast over the batch. Unless a site is plainly batched along
+    dimension 0 (:func:`_plain`), its batch dimension is found from the cotangents of one
+    data point's output (zero outside that data point's slice); a site without one
+    (shared by all data points) gets its cotangents one data point at a time, so that
+    :math:`J_n^\top c_{n,k}` is exact for it too. Every site is then handed to the rules
+    with the batch first: ``a (B, ...)``, ``g (K, B, ...)``.
 
     Parameters
     ----------
@@ -124,7 +213,7 @@ def backprop_to_sites(
     cot : Tensor
         The cotangents ``cotangent_fn(f)``.
     sites : dict
-        Module id to its sites, each with ``g`` set (``(K, *out.shape)``).
+        Module id to its sites, each with ``g`` set (``(K, B, ...)``).
     """
     for protect in (False, True):
         with capture(layers, protect) as store, torch.enable_grad():
@@ -132,13 +221,31 @@ def backprop_to_sites(
         if not _modified(store):
             break
     cot = cotangent_fn(f.detach())
+    B, K = cot.shape[:2]
     sites = [s for m, _ in layers for s in store[id(m)]]
     per_column = any(isinstance(m, nn.modules.conv._ConvNd) for m, _ in layers)
-    if sites and f.requires_grad:
-        grads = _pull_back(f, [s.out for s in sites], cot, per_column)
-        for s, g in zip(sites, grads, strict=True):
-            s.g = g
-    else:
-        for s in sites:
-            s.g = s.out.new_zeros((cot.shape[1], *s.out.shape))
+    if not (sites and f.requires_grad):
+        for s in sites:  # nothing reaches the output: zero cotangents
+            d = 0 if _plain(s, B) else SHARED
+            shape = (K, B, *s.out.shape) if d == SHARED else (K, *s.out.shape)
+            _batch_first(s, d, s.out.new_zeros(shape), B)
+        return f.detach(), cot, store
+    layouts = _layouts(f, sites, B, per_column)
+    shared = [i for i, d in enumerate(layouts) if d == SHARED]
+    batched = [i for i, d in enumerate(layouts) if d != SHARED]
+    if batched:
+        grads = _pull(
+            f, [sites[i].out for i in batched], cot.transpose(0, 1), per_column, bool(shared)
+        )
+        for i, g in zip(batched, grads, strict=True):
+            _batch_first(sites[i], layouts[i], g, B)
+    if shared:
+        # column (n, k): data point n's cotangent k alone
+        E = cot.new_zeros((B, K, *cot.shape[:1], *cot.shape[2:]))
+        idx = torch.arange(B, device=cot.device)
+        E[idx, :, idx] = cot
+        grads = _pull(f, [sites[i].out for i in shared], E.flatten(0, 1), per_column, False)
+        for i, g in zip(shared, grads, strict=True):
+            g = g.reshape(B, K, *g.shape[1:]).transpose(0, 1)
+            _batch_first(sites[i], SHARED, g, B)
     return f.detach(), cot, store

@@ -24,7 +24,8 @@ a module called several times contributes every call's locations. A weight store
 ``(g·o, r)`` (``layout="GA"``: Linear, Conv) gets ``[G, A]``; one stored as ``(g·r, o)``
 (``layout="AG"``: transformers' ``Conv1D``, Embedding, ConvTranspose) gets ``[A, G]``, so
 that the Kronecker product always matches the stored weight's flattening. With groups the
-factors carry a leading group dimension (``(g, o, o)``, ``(g, r, r)``). Biases get ``[G]``.
+factors carry a leading group dimension (``(g, o, o)``, ``(g, r, r)``). Biases get ``[G]``
+over all output channels (with groups too: exact for one data point at one location).
 
 Layers whose parameters are not linear maps of their input (normalization layers) get
 :class:`ExactBlockRule`: the exact curvature block of each parameter tensor, dense up to
@@ -180,9 +181,8 @@ class LinearLikeRule(KFACRule):
     def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
         p = dict(self.params(module))[name]
         g = getattr(module, "groups", 1)
-        if name != "weight":  # a bias: [G] over its output
-            o = p.numel() // g
-            return ([(o, o)] if g == 1 else [(g, o, o)]), None
+        if name != "weight":  # a bias: [G] over all its outputs (also with groups)
+            return [(p.numel(), p.numel())], None
         if self.layout == "GA":
             o, r = p.shape[0] // g, p[0].numel()
             shapes, a = [(o, o), (r, r)], 1
@@ -217,10 +217,9 @@ class LinearLikeRule(KFACRule):
                 A = sum(torch.einsum("blgr,blgs->grs", p, p) for p in ps) / (N * L)
             G, A = self._squeeze(G), self._squeeze(A)
             out["weight"] = [G, A] if self.layout == "GA" else [A, G]
-        if "bias" in names:
-            out["bias"] = [
-                self._squeeze(self._G([self.bias_grads(module, s) for s in sites], approx))
-            ]
+        if "bias" in names:  # one G over all output channels, also with groups
+            gs = [self.bias_grads(module, s) for s in sites]
+            out["bias"] = [self._G([g.flatten(3).unsqueeze(3) for g in gs], approx)[0]]
         return out
 
     def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
@@ -602,3 +601,6 @@ for _t in (
     nn.modules.instancenorm._InstanceNorm,
 ):
     register_kfac_rule(_t, NormRule())
+
+# nn.MultiheadAttention's rule lives in its own module, which imports this one
+from curvlib.kfac import attention as _attention  # noqa: E402, F401

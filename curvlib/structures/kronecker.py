@@ -17,7 +17,8 @@ A *grouped* entry (a convolution with ``groups = g``: weight ``(out, in/g, *k)``
 factors with a leading group axis, ``(g, d, d)`` dense or ``(g, d)`` diagonal, and stands
 for :math:`\operatorname{blockdiag}_j(F_{1,j} \otimes \dots \otimes F_{n,j})`: the group
 index is the outermost index of the row-major flattening (``out = g · o``, weight factors
-``[G (g, o, o), A (g, r, r)]`` with ``r = (in/g) · prod(k)``, bias ``[G (g, o, o)]``).
+``[G (g, o, o), A (g, r, r)]`` with ``r = (in/g) · prod(k)``; the bias keeps one
+``[G (out, out)]`` over all its channels).
 The full matrix (``to_matrix()``) is block-diagonal over the entries, in order.
 
 Differences from laplace-torch (deliberate, each a bug there)
@@ -198,18 +199,16 @@ class Kron(CurvatureStructure):
             A 1-D parameter of size ``n`` gets ``[zeros(n, n)]``; a parameter of shape
             ``(out, *rest)`` with ``len(rest) >= 1`` (Linear, Conv1d/2d/3d, ...) gets
             ``[zeros(out, out), zeros(r, r)]`` with ``r = prod(rest)``; a 0-dim parameter
-            gets ``[zeros(1, 1)]``. For a module, the weight and bias of a ``Conv1d/2d/3d``
-            with ``groups = g > 1`` get grouped factors ``[zeros(g, o, o), zeros(g, r, r)]``
-            and ``[zeros(g, o, o)]`` (``o = out / g``).
+            gets ``[zeros(1, 1)]``. For a module, the weight of a ``Conv1d/2d/3d`` with
+            ``groups = g > 1`` gets grouped factors ``[zeros(g, o, o), zeros(g, r, r)]``
+            (``o = out / g``); its bias ``[zeros(out, out)]``, as the K-FAC rules compute.
         """
         grouped: dict[int, int] = {}
         if isinstance(model, nn.Module):
             params: Iterable[Tensor] = [p for p in model.parameters() if p.requires_grad]
             for m in model.modules():
                 if isinstance(m, _CONVS) and m.groups > 1:
-                    for p in (m.weight, m.bias):
-                        if p is not None:
-                            grouped[id(p)] = m.groups
+                    grouped[id(m.weight)] = m.groups
         else:
             params = model
         kfacs: list[list[Tensor]] = []
