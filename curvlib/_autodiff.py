@@ -241,6 +241,35 @@ def per_sample_vjps(
     return _vjps_reverse(fn, params, inp, cot, detach, batched=False)
 
 
+def vjp(
+    fn: Callable[[Sequence[Tensor]], Tensor],
+    values: Sequence[Tensor],
+    model_key: nn.Module,
+    create_graph: bool = False,
+) -> tuple[Tensor, Callable[[Tensor], list[Tensor]]]:
+    r"""``(f, u -> uᵀ J)`` of ``fn`` at ``values``: ``torch.func.vjp``, or plain reverse mode
+    where the model holds what torch.func cannot transform (a user's full backward hook)."""
+    modes = mode_of(model_key)
+    if modes.get("vjp_fn", "func") == "func":
+        try:
+            return torch.func.vjp(lambda *ps: fn(ps), *values)
+        except _FAILURES as err:
+            if not _transform_limit(err):
+                raise
+            modes["vjp_fn"] = "autograd"
+    vals = [v if v.requires_grad else v.detach().requires_grad_(True) for v in values]
+    with torch.enable_grad():
+        f = fn(vals)
+
+    def pull(u: Tensor) -> list[Tensor]:
+        g = torch.autograd.grad(
+            f, vals, u, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        return [torch.zeros_like(v) if gi is None else gi for gi, v in zip(g, vals, strict=True)]
+
+    return (f if create_graph else f.detach()), pull
+
+
 def jvp(
     fn: Callable[[Sequence[Tensor]], Tensor],
     values: Sequence[Tensor],

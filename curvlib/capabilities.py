@@ -494,15 +494,18 @@ def register_rows(backend: str, curvature: str, rows: Mapping[str, Capability]) 
     """Record the rows of a backend (called by :func:`curvlib.register_backend`).
 
     Registering ``ggn`` rows also registers them for ``fisher`` unless given separately.
+    The structures built on other entry points (``ekfac`` on ``kron``, ``blocks`` on
+    ``full``, ``lowrank`` on the operator) get curvlib's shared rows unless given.
     """
     for key, cap in rows.items():
         if key not in ENTRY_POINTS:
             raise ValueError(f"unknown entry point {key!r}; known: {list(ENTRY_POINTS)}")
         if not isinstance(cap, Capability):
             raise TypeError(f"capability of {key!r} must be a Capability, got {type(cap).__name__}")
-    TABLE[backend, curvature] = dict(rows)
+    full = {**_beyond_kfac(dict(rows), False), **rows}
+    TABLE[backend, curvature] = full
     if curvature == "ggn":
-        TABLE.setdefault((backend, "fisher"), dict(rows))
+        TABLE.setdefault((backend, "fisher"), dict(full))
 
 
 def row(backend: str, curvature: str) -> Mapping[str, Capability]:

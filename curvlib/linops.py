@@ -375,7 +375,7 @@ def shared_matmat(
 
     if curv.curvature_name() == "hessian":
         return _autodiff.hvp(lambda vals: lik.loss(fn(vals, inp), y), values, V.T, curv.model).T
-    f, vjp_fn = torch.func.vjp(lambda *ps: fn(ps, inp), *values)
+    f, vjp_fn = _autodiff.vjp(lambda vals: fn(vals, inp), values, curv.model, create_graph)
     JV = torch.stack(
         [
             _autodiff.jvp(lambda vals: fn(vals, inp), values, unflat(V[:, k]), curv.model)

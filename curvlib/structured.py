@@ -135,13 +135,21 @@ def layer_products(curv: Any, call: Call, structure: str, cotangents=None) -> tu
 
 
 def ekfac_eigenvalues(
-    curv: Any, call: Call, bases: Sequence[Sequence[Tensor | None]]
+    curv: Any,
+    call: Call,
+    bases: Sequence[Sequence[Tensor | None]],
+    specs: Sequence[tuple[list[tuple[int, ...]], Any]] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """``(loss, s per entry)``: the corrected eigenvalues of ``call``'s batch in ``bases``."""
+    """``(loss, s per entry)``: the corrected eigenvalues of ``call``'s batch in ``bases``.
+
+    ``specs``: per entry its factor shapes (default: what the rules say without data,
+    :func:`curvlib.kfac.compute.entry_specs`; the K-FAC just computed where there is one).
+    """
     from curvlib.kfac.compute import entry_specs
 
     params = curv.params
-    specs = entry_specs(curv.differentiated_module, params)
+    if specs is None:
+        specs = entry_specs(curv.differentiated_module, params)
     sums: list[Tensor | None] = [None] * len(params)
     loss = 0.0
     for part_loss, V in product_chunks(curv, call):
@@ -163,18 +171,20 @@ def ekfac(curv: Any, call: Call):
     from curvlib.structures import EKFAC, KronDecomposed
 
     basis = call.options.get("basis")
+    specs = None
     if basis is None:
         state = call.generator_state()
         _, K = curv._kron(call)
         call.restore_generator(state)  # the same MC draws for s
         bases = K.decompose().eigenvectors
+        specs = [([tuple(f.shape) for f in F], None) for F in K.kfacs]
     elif isinstance(basis, EKFAC):
         bases = basis.eigenbases
     elif isinstance(basis, KronDecomposed):
         bases = basis.eigenvectors
     else:
         raise InputError(f"basis must be an EKFAC or a KronDecomposed, got {type(basis).__name__}")
-    loss, s = ekfac_eigenvalues(curv, call, bases)
+    loss, s = ekfac_eigenvalues(curv, call, bases, specs)
     return loss, EKFAC([list(b) for b in bases], s)
 
 
@@ -215,11 +225,13 @@ def lowrank(curv: Any, call: Call):
     num_iters = opts.get("num_iters")
     num_iters = min(P, 2 * k + 20) if num_iters is None else num_iters
     gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
+    state = call.generator_state()  # the remainder's diagonal sees the operator's MC draws
     op = _BatchOperator(curv, call)
     vals, U = lanczos(op, k, num_iters=num_iters, generator=gen)
     loss = op.loss
     if remainder is None:
         return loss, LowRank(U, vals)
+    call.restore_generator(state)
     d = curv._shared_diag(call)[1]
     return loss, with_remainder(U, vals, d, remainder, curv.curvature_name() != "hessian")
 

@@ -188,7 +188,43 @@ def call(
     if what == "kron":
         loss, K = curv.kron(x, y, N=pb.N, **kw)
         return loss, K.to_matrix()
+    if what in STRUCTURED:
+        loss, S = getattr(curv, what)(x, y, **kw)
+        return loss, structured_summary(what, S)
     return getattr(curv, what)(x, y, **kw)
+
+
+#: entry points whose result is compared through what determines it exactly
+#: (their full numbers: tests/test_structured.py)
+STRUCTURED = ("ekfac", "blocks", "lowrank")
+
+
+def structured_summary(what: str, S) -> Tensor:
+    """What the brute force fixes of a structure: ``blocks`` its dense matrix (with its
+    block sizes as the last row), ``lowrank`` (remainder ``"diag"``) its diagonal, ``ekfac``
+    its trace per entry (eigenvalues ``diag(Uᵀ C U)`` in any orthonormal basis ``U`` keep
+    the trace of the entry's exact block)."""
+    if what == "blocks":
+        M = S.to_matrix()
+        row = torch.zeros(1, M.shape[0], dtype=M.dtype)
+        row[0, : len(S.sizes)] = torch.tensor(S.sizes, dtype=M.dtype)
+        return torch.cat([M, row])
+    if what == "lowrank":
+        return S.diag()
+    return S.diag().sum().reshape(1)
+
+
+def structured_expected(what: str, H: Tensor, got: Tensor) -> Tensor:
+    """The brute-force value of :func:`structured_summary` from the dense matrix ``H``."""
+    if what == "blocks":
+        sizes = [int(s) for s in got[-1].tolist() if s > 0]
+        want = ref.blocks_of(sizes, H)
+        row = torch.zeros(1, H.shape[0], dtype=H.dtype)
+        row[0, : len(sizes)] = torch.tensor(sizes, dtype=H.dtype)
+        return torch.cat([want, row])
+    if what == "lowrank":
+        return H.diagonal()
+    return H.diagonal().sum().reshape(1)
 
 
 # -- the references -----------------------------------------------------------------------
@@ -233,7 +269,7 @@ def _loss(case_name: str) -> Tensor:
     return ref.loss(model, x, y, case.likelihood)
 
 
-def expected(case, curvature: str, entry: Entry) -> Tensor:
+def expected(case, curvature: str, entry: Entry, got: Tensor | None = None) -> Tensor:
     """The brute-force value of ``entry`` (restricted to the case's subnetwork)."""
     idx = case.make()[3]
     what = entry.what
@@ -241,9 +277,11 @@ def expected(case, curvature: str, entry: Entry) -> Tensor:
         return ref.sub_vec(_first_order(case.name, what), idx)
     if what == "kron":
         return _kron(case.name, curvature, entry.options.get("kfac_approx", "expand"))
-    if what not in ("full", "diag", "operator"):
+    if what not in ("full", "diag", "operator") + STRUCTURED:
         raise NotImplementedError(f"the oracle has no reference for entry point {what!r}")
     H = ref.sub_full(_dense(case.name, curvature), idx)
+    if what in STRUCTURED:
+        return structured_expected(what, H, got)
     if what == "operator":
         return H @ probe_columns(H.shape[0])
     return H.diagonal() if what == "diag" else H
@@ -294,7 +332,7 @@ def check(backend: str, curvature: str, entry: Entry, case) -> str:
     before = ref.model_state(pb.model)
     loss, got = call(backend, curvature, entry, pb)
     ref.assert_same_state(before, ref.model_state(pb.model))
-    want = expected(case, curvature, entry)
+    want = expected(case, curvature, entry, got)
     assert got.shape == want.shape, (got.shape, want.shape)
     err = ref.rel_err(got, want)
     assert err < TOL, f"relative error {err:.3g} against the brute force"

@@ -367,10 +367,12 @@ def kron_reference(model, x, y, likelihood, M, approx, N, H, last_layer=False) -
     def untied(p: Tensor) -> bool:  # a weight shared by two modules gets its exact block
         return len(holders[id(p)]) == 1
 
+    attention = Z._attention_params(module)  # MultiheadAttention: written out in Z
     single = [
         n
         for n, p in sel
-        if untied(p) and defined(owner[id(p)][0]) and calls.get(id(owner[id(p)][0]), 0) == 1
+        if id(p) in attention
+        or (untied(p) and defined(owner[id(p)][0]) and calls.get(id(owner[id(p)][0]), 0) == 1)
     ]
     by_name = {}
     if single:

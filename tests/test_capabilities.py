@@ -57,12 +57,13 @@ def test_available_is_derived_from_the_table(monkeypatch):
     # a changed row shows in available() at once: it reads the table, it has no copy
     rows = dict(TABLE["autograd", "ggn"])
     rows["diag"] = dataclasses.replace(rows["diag"], note="changed", exact=False)
-    del rows["kron"]
+    del rows["kron"], rows["ekfac"]
     monkeypatch.setitem(TABLE, ("autograd", "ggn"), rows)
     entry = curvlib.available()["autograd"]["ggn"]
     assert entry["entry_points"]["diag"]["note"] == "changed"
     assert not entry["entry_points"]["diag"]["exact"]
-    assert entry["structures"] == ["full", "diag"] and "kron" not in entry["entry_points"]
+    assert entry["structures"] == ["full", "diag", "blocks", "lowrank"]
+    assert "kron" not in entry["entry_points"]
 
 
 def test_every_row_is_complete():
@@ -117,6 +118,8 @@ def test_impl_native_iff_the_backend_defines_the_hook():
     interface's shared default."""
     for name, curvature, cls in _classes():
         for what, cap in row(name, curvature).items():
+            if what not in HOOKS:  # ekfac, blocks, lowrank: built on the rows above
+                continue
             hook = HOOKS[what]
             want = "native" if native(cls, curvature, hook) else "shared"
             where = _owner(cls, hook)
@@ -427,6 +430,8 @@ def zoo_expected(name: str, curvature: str, entry: oracle.Entry, got: Tensor) ->
     if what == "kron":
         return _kron(name, curvature, entry.options.get("kfac_approx", "expand"))
     H = _dense(name, curvature)
+    if what in oracle.STRUCTURED:
+        return oracle.structured_expected(what, H, got)
     if what == "operator":
         return H @ oracle.probe_columns(H.shape[0])
     return H.diagonal() if what == "diag" else H

@@ -258,6 +258,29 @@ def _read_diag(model: nn.Module, attr: str, params: Sequence[Tensor]) -> Tensor:
 class _AsdlFisher(_AsdlBase):
     """``full``, ``diag`` and ``kron`` from ASDL's Fisher makers (GGN, MC Fisher, EF)."""
 
+    def _dynamic_check(self, call: Call, records: Any, f: Tensor) -> None:
+        """The row's checks, and ``kfac_approx='reduce'``: ASDL's K-FAC is ``expand``, equal
+        to ``reduce`` only for a native layer without weight sharing (a convolution shares
+        its weight over its output locations; a Linear layer on sequences over positions).
+        Run by the call and by :func:`curvlib.supports` alike, before any backward pass."""
+        super()._dynamic_check(call, records, f)
+        if call.what not in ("kron", "ekfac") or call.kfac_approx != "reduce":
+            return
+        B = f.shape[0]
+        for path, m in self._model.named_modules():
+            if not isinstance(m, nn.Linear | nn.Conv2d) or call.cap.refusal(m, True):
+                continue
+            if not any(id(p) in {id(q) for q in self.params} for p in m.parameters(False)):
+                continue
+            seen = records.calls.get(id(m))
+            a = seen[0].inp if seen else None
+            shared = isinstance(m, nn.Conv2d) or (
+                isinstance(a, Tensor) and _shared_locations(m, a, B) > 1
+            )
+            if shared:
+                kind = "convolution" if isinstance(m, nn.Conv2d) else "layer applied to sequences"
+                raise self._reduce_error(f"the {kind} {path or '<root>'!r}")
+
     def _scale(self, call: Call) -> float:
         """Factor from ASDL's ``G`` (or full/diag) to curvlib's convention."""
         if self.curvature_name() == "ef":

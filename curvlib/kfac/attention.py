@@ -227,6 +227,15 @@ class MultiheadAttentionRule(LinearRule):
             out.update({"in_proj_" + k: v for k, v in res.items()})
         return out
 
+    def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
+        """Without data: self-attention's entries (a packed ``in_proj_weight`` ``[G, A]``);
+        cross-attention's packed entries are grouped (as its factors are)."""
+        p = self.params(module)[name]
+        if name.endswith("bias"):
+            return [(p.numel(), p.numel())], None
+        o, r = p.shape
+        return [(o, o), (r, r)], 1
+
     def factors(
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
     ) -> dict[str, list[Tensor]]:
