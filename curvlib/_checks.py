@@ -382,6 +382,11 @@ class CapabilityChecks:
 
     def _finish(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:
         """Step 6: finiteness of loss and result, subnetwork selection, the reported loss."""
+        with self._fixed_selection():
+            return self._finished(call, loss, result)
+
+    def _finished(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:
+        """The body of :meth:`_finish` (with the selection fixed)."""
         self._finite("loss", loss)
         if call.what == "diag":
             result = call.select(result)

@@ -76,7 +76,11 @@ def _check_magnitude(t: Tensor, what: str = "inputs", quadratic: str = "curvatur
     the squared loss in the regression targets: beyond :math:`\\sqrt{\\max}` of the dtype
     they overflow to infinity.
     """
-    # one cheap reduction first (NaN and inf propagate through the max)
+    # one cheap reduction first: a finite sum of squares bounds every square (NaN and inf
+    # propagate through it); only an overflowing sum needs the entry-wise look
+    flat = t.detach().reshape(-1)
+    if not flat.numel() or bool(torch.dot(flat, flat).isfinite()):
+        return
     top = t.detach().abs().max()
     limit = math.sqrt(torch.finfo(t.dtype).max)
     if bool(top.isfinite()) and float(top) <= limit:

@@ -219,6 +219,20 @@ class CurvatureInterface(CapabilityChecks):
 
         ``cap`` overrides the backend's row (the shared implementations have their own).
         """
+        with self._fixed_selection():
+            return self._checked_call(what, x, y, N, kwargs, need_y, cap)
+
+    def _checked_call(
+        self,
+        what: str,
+        x: Any,
+        y: Any,
+        N: Any,
+        kwargs: Mapping[str, Any] | None,
+        need_y: bool,
+        cap: Capability | None,
+    ) -> Call:
+        """The body of :meth:`_begin` (with the selection fixed)."""
         opts = self._options("jacobians" if what == "last_layer_jacobians" else what, kwargs or {})
         module = self._model
         params = self.params
@@ -271,18 +285,28 @@ class CurvatureInterface(CapabilityChecks):
             state = torch.get_rng_state()
             seed = int(torch.randint(0, 2**62, (1,)).item())
             call.generator = torch.Generator().manual_seed(seed)
-        outer = self.__dict__.get("_params_now")
         try:
-            with preserved_model(self.model), differentiable_kernels():
-                # the selection is fixed for the call (hooks read it many times)
-                self.__dict__["_params_now"] = self.params_dict
+            # the selection is fixed for the call (hooks read it many times)
+            with self._fixed_selection(), preserved_model(self.model), differentiable_kernels():
                 yield
         except BaseException:
             if state is not None:
                 torch.set_rng_state(state)
             raise
+
+    @contextmanager
+    def _fixed_selection(self):
+        """The selected parameters computed once for the block (read many times inside it);
+        recomputed by every later block, so that a change of ``requires_grad`` between calls
+        is seen."""
+        if self.__dict__.get("_params_now") is not None:  # nested: the outer block owns it
+            yield
+            return
+        self.__dict__["_params_now"] = _selection.selected_params(self._model)
+        try:
+            yield
         finally:
-            self.__dict__["_params_now"] = outer
+            self.__dict__["_params_now"] = None
 
     def _run(self, call: Call, hook) -> Any:
         """Steps 5–6 for the first part: the hook inside the hygiene context."""

@@ -77,7 +77,9 @@ def rotate_square(D: Tensor, bases: Sequence[Tensor | None], grouped: bool) -> T
     return D.square().sum(0)
 
 
-def _passes(curv: Any, call: Call, cotangents=None, light: bool = False, chunk_entries=2**25):
+def _passes(
+    curv: Any, call: Call, cotangents=None, light: bool = False, chunk_entries=2**25, cov=None
+):
     """``(loss, LayerPass)`` per batch chunk (one recorded forward and backward pass each).
 
     Chunks keep ``(b, K, P)`` within ``chunk_entries`` unless ``light`` (the caller needs no
@@ -88,7 +90,7 @@ def _passes(curv: Any, call: Call, cotangents=None, light: bool = False, chunk_e
 
     cot_fn = cotangents or (lambda c, f, y, g: c.cotangents(f, y, g))
     root, params = curv.differentiated_module, curv.params
-    cov = coverage(root, params)
+    cov = coverage(root, params) if cov is None else cov
     P, B = curv.num_params, call.B
     size = B if light else min(B, max(1, chunk_entries // (8 * P)))
     start = 0
@@ -121,9 +123,10 @@ def layer_products(curv: Any, call: Call, structure: str, cotangents=None) -> tu
     """
     from curvlib.kfac import coverage
 
-    light = structure == "diag" and not coverage(curv.differentiated_module, curv.params).generic
+    cov = coverage(curv.differentiated_module, curv.params)
+    light = structure == "diag" and not cov.generic
     loss, out = 0.0, None
-    for part_loss, lp in _passes(curv, call, cotangents, light):
+    for part_loss, lp in _passes(curv, call, cotangents, light, cov=cov):
         if structure == "diag":
             part = lp.squares()
         else:

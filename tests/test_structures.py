@@ -543,11 +543,11 @@ def test_grouped_conv_layout_matches_exact_curvature():
     Jw, Jb = torch.func.jacrev(f, argnums=(0, 1))(w0, b0)
     Jw, Jb = Jw.reshape(6, -1), Jb.reshape(6, -1)
     K = Kron.init_from_model(conv)
-    assert K.groups == [2, 2]
-    assert [[tuple(t.shape) for t in F] for F in K.kfacs] == [[(2, 3, 3), (2, 8, 8)], [(2, 3, 3)]]
+    assert K.groups == [2, None]  # the bias: one factor over all its channels
+    assert [[tuple(t.shape) for t in F] for F in K.kfacs] == [[(2, 3, 3), (2, 8, 8)], [(6, 6)]]
     a = x.reshape(1, 2, 8)[0]  # per group: its 2 input channels × 2 × 2 kernel positions
     G = torch.stack([eye(3), eye(3)])
-    exact = Kron([[G, torch.einsum("gi,gj->gij", a, a)], [G]])
+    exact = Kron([[G, torch.einsum("gi,gj->gij", a, a)], [eye(6)]])
     close(exact.to_matrix(), torch.block_diag(Jw.T @ Jw, Jb.T @ Jb))
     K2 = Kron.init_from_model(conv.parameters())  # without the module: ungrouped shapes
     assert K2.groups == [None, None] and tuple(K2.kfacs[0][1].shape) == (8, 8)

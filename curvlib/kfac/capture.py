@@ -78,15 +78,19 @@ def _pull(f: Tensor, outs: list[Tensor], E: Tensor, per_column: bool, retain: bo
         elif per_column:
             # one backward pass per column: vmap has no batching rule for
             # convolution_backward and falls back to a slow loop
-            cols = [
-                torch.autograd.grad(
+            # each column written into one preallocated buffer per target (torch.stack of
+            # the columns is many times slower than these copies)
+            grads = [None] * len(targets)
+            for k in range(M):
+                col = torch.autograd.grad(
                     f, targets, E[k], retain_graph=retain or k < M - 1, allow_unused=True
                 )
-                for k in range(M)
-            ]
-            grads = []
-            for per in zip(*cols, strict=True):
-                grads.append(None if per[0] is None else torch.stack(per))
+                for j, gk in enumerate(col):
+                    if gk is None:
+                        continue
+                    if grads[j] is None:
+                        grads[j] = gk.new_empty((M, *gk.shape))
+                    grads[j][k].copy_(gk)
         else:
             grads = torch.autograd.grad(
                 f,
@@ -118,12 +122,35 @@ def _shapes(site: Site) -> list[torch.Size]:
     return out
 
 
-def _plain(site: Site, B: int) -> bool:
+def _feature_dims(module: nn.Module | None, ndim: int) -> set[int]:
+    """Dimensions of a layer's tensors that cannot hold the batch: the last of a Linear-like
+    layer (it maps the last dimension); every dimension but the first of a convolution's
+    batched tensors (it keeps the rows of dimension 0 apart)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        # batched input (B, C, *spatial): the convolution treats dimension 0 as the batch,
+        # rows never mix; unbatched (C, *spatial): the channels
+        if ndim == len(module.kernel_size) + 2:
+            return set(range(1, ndim))
+        return {1}
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return {ndim - 1}
+    return set()
+
+
+def _plain(site: Site, B: int, module: nn.Module | None = None) -> bool:
     """Batch dimension 0, beyond doubt: every tensor of the site has ``B`` rows and no other
-    dimension of size ``B`` (a 1-D integer input is ambiguous: tokens or positions)."""
+    dimension of size ``B`` that could hold the batch (a layer's feature dimensions cannot;
+    a 1-D integer input is ambiguous: tokens or positions)."""
     if isinstance(site.a, Tensor) and site.a.ndim < 2 and B > 1:
         return False
-    return all(len(s) >= 1 and s[0] == B and (B == 1 or B not in s[1:]) for s in _shapes(site))
+
+    def plain(s: torch.Size) -> bool:
+        if len(s) < 1 or s[0] != B:
+            return False
+        feat = _feature_dims(module, len(s))
+        return B == 1 or all(n != B for i, n in enumerate(s) if i and i not in feat)
+
+    return all(plain(s) for s in _shapes(site))
 
 
 def _probe_dim(site: Site, g: Tensor, B: int) -> int:
@@ -141,10 +168,12 @@ def _probe_dim(site: Site, g: Tensor, B: int) -> int:
     return SHARED
 
 
-def _layouts(f: Tensor, sites: list[Site], B: int, per_column: bool) -> list[int]:
+def _layouts(
+    f: Tensor, sites: list[Site], B: int, per_column: bool, owners: list[nn.Module]
+) -> list[int]:
     """Per site its batch dimension, or :data:`SHARED` (see :func:`backprop_to_sites`)."""
     layouts = [0] * len(sites)
-    probe = [i for i, s in enumerate(sites) if not _plain(s, B)]
+    probe = [i for i, s in enumerate(sites) if not _plain(s, B, owners[i])]
     if not probe:
         return layouts
     if B == 1:
@@ -223,14 +252,15 @@ def backprop_to_sites(
     cot = cotangent_fn(f.detach())
     B, K = cot.shape[:2]
     sites = [s for m, _ in layers for s in store[id(m)]]
+    owners = [m for m, _ in layers for _ in store[id(m)]]
     per_column = any(isinstance(m, nn.modules.conv._ConvNd) for m, _ in layers)
     if not (sites and f.requires_grad):
-        for s in sites:  # nothing reaches the output: zero cotangents
-            d = 0 if _plain(s, B) else SHARED
+        for s, m in zip(sites, owners, strict=True):  # nothing reaches the output: zeros
+            d = 0 if _plain(s, B, m) else SHARED
             shape = (K, B, *s.out.shape) if d == SHARED else (K, *s.out.shape)
             _batch_first(s, d, s.out.new_zeros(shape), B)
         return f.detach(), cot, store
-    layouts = _layouts(f, sites, B, per_column)
+    layouts = _layouts(f, sites, B, per_column, owners)
     shared = [i for i, d in enumerate(layouts) if d == SHARED]
     batched = [i for i, d in enumerate(layouts) if d != SHARED]
     if batched:

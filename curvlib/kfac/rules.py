@@ -37,9 +37,8 @@ example.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +151,16 @@ class KFACRule:
 
 
 # -- linear maps ----------------------------------------------------------------------------
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of freshly computed tensors, accumulated in place into the first (no
+    temporaries of the result's size: a Linear layer's ``A`` can be large)."""
+    it = iter(terms)
+    acc = next(it)
+    for t in it:
+        acc = acc.add_(t)
+    return acc
+
+
 def exact_block_entry(n: int) -> tuple[list[tuple[int, ...]], int | None]:
     """The entry of an exact block of ``n`` parameters: dense or diagonal, no ``1/N``."""
     return ([(n,)] if n > DENSE_BLOCK_MAX else [(n, n)]), None
@@ -197,9 +206,9 @@ class LinearLikeRule(KFACRule):
 
     def _G(self, gs: list[Tensor], approx: str) -> Tensor:
         if approx == "reduce":
-            ghat = sum(g.sum(2) for g in gs)  # (K, B, g, o)
+            ghat = _total(g.sum(2) for g in gs)  # (K, B, g, o)
             return torch.einsum("kbgo,kbgp->gop", ghat, ghat)
-        return sum(torch.einsum("kblgo,kblgp->gop", g, g) for g in gs)
+        return _total(torch.einsum("kblgo,kblgp->gop", g, g) for g in gs)
 
     def factors(
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
@@ -211,10 +220,10 @@ class LinearLikeRule(KFACRule):
             G = self._G(gs, approx)
             L = sum(p.shape[1] for p in ps)
             if approx == "reduce":
-                abar = sum(p.sum(1) for p in ps) / L  # (B, g, r)
-                A = torch.einsum("bgr,bgs->grs", abar, abar) / N
+                abar = _total(p.sum(1) for p in ps).div_(L)  # (B, g, r)
+                A = torch.einsum("bgr,bgs->grs", abar, abar).div_(N)
             else:
-                A = sum(torch.einsum("blgr,blgs->grs", p, p) for p in ps) / (N * L)
+                A = _total(torch.einsum("blgr,blgs->grs", p, p) for p in ps).div_(N * L)
             G, A = self._squeeze(G), self._squeeze(A)
             out["weight"] = [G, A] if self.layout == "GA" else [A, G]
         if "bias" in names:  # one G over all output channels, also with groups
@@ -274,113 +283,6 @@ class HFConv1DRule(LinearRule):
     """transformers' ``Conv1D`` (GPT-2): a Linear layer whose weight is stored ``(in, out)``."""
 
     layout = "AG"
-
-
-def _conv_padding(
-    kernel: tuple[int, ...], dilation: tuple[int, ...], padding: Any
-) -> list[tuple[int, int]]:
-    if padding == "valid":
-        return [(0, 0)] * len(kernel)
-    if padding == "same":
-        out = []
-        for ki, di in zip(kernel, dilation, strict=True):
-            total = di * (ki - 1)
-            out.append((total // 2, total - total // 2))
-        return out
-    return [(p, p) for p in padding]
-
-
-def unfold(
-    x: Tensor,
-    kernel: tuple[int, ...],
-    stride: tuple[int, ...],
-    padding: Any,
-    dilation: tuple[int, ...],
-    padding_mode: str = "zeros",
-) -> Tensor:
-    """Patches of an N-d convolution: ``(B, L, C * prod(kernel))``.
-
-    The patch entries are ordered like the row-major flattening of a convolution weight's
-    ``weight[o]`` (channel, then kernel positions); ``L`` counts the output locations.
-    """
-    nd = len(kernel)
-    pads = _conv_padding(kernel, dilation, padding)
-    flat = [v for pair in reversed(pads) for v in pair]
-    if any(flat):
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        x = F.pad(x, flat, mode=mode)
-    for i in range(nd):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
-    B, C = x.shape[:2]
-    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
-    L = math.prod(x.shape[1 : 1 + nd])
-    return x.reshape(B, L, C * math.prod(kernel))
-
-
-class ConvRule(LinearLikeRule):
-    """``nn.Conv1d/2d/3d`` (any stride, padding, dilation, groups): patches by unfolding."""
-
-    def problem(self, module: nn.Module) -> str:
-        if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            return f"padding_mode={module.padding_mode!r}"
-        return ""
-
-    def patches(self, module: nn.Module, site: Site) -> Tensor:
-        m = module
-        p = unfold(site.a, m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
-        return p.reshape(p.shape[0], p.shape[1], m.groups, -1)
-
-    def grads(self, module: nn.Module, site: Site) -> Tensor:
-        g = site.g  # (K, B, out, *spatial)
-        K, B, out = g.shape[:3]
-        return (
-            g.reshape(K, B, out, -1)
-            .transpose(2, 3)
-            .reshape(K, B, -1, module.groups, out // module.groups)
-        )
-
-
-class ConvTransposeRule(LinearLikeRule):
-    """``nn.ConvTranspose1d/2d/3d``: a Linear map ``in -> out·prod(kernel)`` per input location.
-
-    The transposed convolution scatters :math:`W^\top a_l` over the output (col2im), so
-    the cotangent of input location ``l`` is the unfolded output cotangent at ``l``; the
-    weight ``(in, out/g, *k)`` gets ``[A (in×in), G (out·k × out·k)]`` (``layout="AG"``),
-    its bias the output cotangents at the output locations.
-    """
-
-    layout = "AG"
-
-    def problem(self, module: nn.Module) -> str:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        return ""
-
-    def patches(self, module: nn.Module, site: Site) -> Tensor:
-        a = site.a  # (B, in, *spatial)
-        B, C = a.shape[:2]
-        return a.reshape(B, C, -1).transpose(1, 2).reshape(B, -1, module.groups, C // module.groups)
-
-    def grads(self, module: nn.Module, site: Site) -> Tensor:
-        m, g = module, site.g  # (K, B, out, *spatial_out)
-        K, B = g.shape[:2]
-        cols = unfold(g.flatten(0, 1), m.kernel_size, m.stride, m.padding, m.dilation)
-        L = cols.shape[1]
-        if L != math.prod(site.a.shape[2:]):
-            raise RuntimeError(
-                f"ConvTranspose rule: {L} unfolded locations for input {tuple(site.a.shape)}"
-            )
-        return cols.reshape(K, B, L, m.groups, -1)
-
-    def bias_grads(self, module: nn.Module, site: Site) -> Tensor:
-        g = site.g
-        K, B, out = g.shape[:3]
-        return (
-            g.reshape(K, B, out, -1)
-            .transpose(2, 3)
-            .reshape(K, B, -1, module.groups, out // module.groups)
-        )
 
 
 class EmbeddingRule(KFACRule):
@@ -589,10 +491,6 @@ def kfac_rules() -> dict[type[nn.Module], KFACRule]:
 
 for _t in (nn.Linear,):
     register_kfac_rule(_t, LinearRule())
-for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_kfac_rule(_t, ConvRule())
-for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_kfac_rule(_t, ConvTransposeRule())
 register_kfac_rule(nn.Embedding, EmbeddingRule())
 for _t in (
     nn.LayerNorm,
@@ -602,5 +500,7 @@ for _t in (
 ):
     register_kfac_rule(_t, NormRule())
 
-# nn.MultiheadAttention's rule lives in its own module, which imports this one
+# the convolutions' and nn.MultiheadAttention's rules live in their own modules, which
+# import this one
 from curvlib.kfac import attention as _attention  # noqa: E402, F401
+from curvlib.kfac.conv import ConvRule, ConvTransposeRule, unfold  # noqa: E402
