@@ -63,7 +63,8 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
     saved_mods = []
     for m in modules:
         attrs = dict(m.__dict__)
-        containers = {k: list(v.items()) for k, v in attrs.items() if isinstance(v, dict)}
+        # shallow copies of its dicts (hooks, parameters, submodules): restored by identity
+        containers = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
         saved_mods.append((m, attrs, containers))
     params = list(model.parameters())
     saved_params = [(p, dict(p.__dict__), p.grad, p.requires_grad) for p in params]
@@ -90,9 +91,11 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
                         m.__dict__[k] = v
                 for k, items in containers.items():
                     d = m.__dict__[k]
-                    now = list(d.items())
-                    same = len(now) == len(items) and all(
-                        k1 == k2 and v1 is v2 for (k1, v1), (k2, v2) in zip(now, items, strict=True)
+                    if not items and not d:
+                        continue  # the common case: an empty hook dict left empty
+                    same = len(d) == len(items) and all(
+                        k1 == k2 and v1 is v2
+                        for (k1, v1), (k2, v2) in zip(d.items(), items.items(), strict=True)
                     )
                     if not same:
                         d.clear()

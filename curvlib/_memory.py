@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -129,6 +130,12 @@ def parse_limit(value: Any, source: str) -> int | None:
     raise InputError(f"{source} must be a number of bytes or a string like '4G', got {value!r}")
 
 
+#: ``[time read, bytes]`` of the last reading of ``MemAvailable``, reused for
+#: :data:`_MEMINFO_TTL` seconds
+_MEMINFO: list = [-1e9, None]
+_MEMINFO_TTL = 0.2
+
+
 def _available(device: torch.device) -> int | None:
     if device.type == "cuda":
         try:
@@ -137,11 +144,15 @@ def _available(device: torch.device) -> int | None:
             return None
     if device.type == "meta":
         return None
+    now = time.monotonic()
+    if now - _MEMINFO[0] < _MEMINFO_TTL:  # a call reads it twice (before and after forward)
+        return _MEMINFO[1]
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    _MEMINFO[:] = [now, int(line.split()[1]) * 1024]
+                    return _MEMINFO[1]
     except OSError:
         pass
     try:
