@@ -54,6 +54,8 @@ class Call:
         The subnetwork indices.
     options : dict
         The entry point's own per-call options (``basis`` of ``ekfac``, ``k`` of ``lowrank``).
+    memo : dict
+        What the call's steps compute once and share (:mod:`curvlib._memo`).
     """
 
     curv: Any
@@ -73,6 +75,7 @@ class Call:
     C: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     after_forward: list[Callable[[Call, Tensor], None]] = field(default_factory=list)
+    memo: dict = field(default_factory=dict)
     _forwarded: bool = False
 
     def __post_init__(self) -> None:

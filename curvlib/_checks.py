@@ -382,7 +382,7 @@ class CapabilityChecks:
 
     def _finish(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:
         """Step 6: finiteness of loss and result, subnetwork selection, the reported loss."""
-        with self._fixed_selection():
+        with self._fixed_selection(getattr(call, "memo", None)):
             return self._finished(call, loss, result)
 
     def _finished(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:

@@ -219,8 +219,11 @@ class CurvatureInterface(CapabilityChecks):
 
         ``cap`` overrides the backend's row (the shared implementations have their own).
         """
-        with self._fixed_selection():
-            return self._checked_call(what, x, y, N, kwargs, need_y, cap)
+        memo: dict = {}
+        with self._fixed_selection(memo):
+            call = self._checked_call(what, x, y, N, kwargs, need_y, cap)
+        call.memo = memo  # the call's later steps share what its checks computed
+        return call
 
     def _checked_call(
         self,
@@ -287,7 +290,11 @@ class CurvatureInterface(CapabilityChecks):
             call.generator = torch.Generator().manual_seed(seed)
         try:
             # the selection is fixed for the call (hooks read it many times)
-            with self._fixed_selection(), preserved_model(self.model), differentiable_kernels():
+            with (
+                self._fixed_selection(call.memo),
+                preserved_model(self.model),
+                differentiable_kernels(),
+            ):
                 yield
         except BaseException:
             if state is not None:
@@ -295,16 +302,20 @@ class CurvatureInterface(CapabilityChecks):
             raise
 
     @contextmanager
-    def _fixed_selection(self):
-        """The selected parameters computed once for the block (read many times inside it);
-        recomputed by every later block, so that a change of ``requires_grad`` between calls
-        is seen."""
+    def _fixed_selection(self, memo: dict | None = None):
+        """The selected parameters computed once for the block (read many times inside it)
+        and the call's memo (:mod:`curvlib._memo`) current; recomputed by every later call,
+        so that a change of ``requires_grad`` or of the model between calls is seen."""
+        from curvlib._memo import call_memo
+
         if self.__dict__.get("_params_now") is not None:  # nested: the outer block owns it
-            yield
+            with call_memo(memo):
+                yield
             return
         self.__dict__["_params_now"] = _selection.selected_params(self._model)
         try:
-            yield
+            with call_memo(memo):
+                yield
         finally:
             self.__dict__["_params_now"] = None
 

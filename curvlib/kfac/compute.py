@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvlib._memo import identity_key, memoized
 from curvlib.kfac.capture import backprop_to_sites
 from curvlib.kfac.rules import DENSE_BLOCK_MAX, KFACRule, Site, exact_block_entry, rule_for
 
@@ -85,8 +86,14 @@ def coverage(root: nn.Module, params: Sequence[Tensor]) -> Coverage:
 
     A parameter is covered by the outermost module whose rule claims it, provided every
     module owning or claiming it lies inside that module (so that the rule's hooks see every
-    use); otherwise (tied across unrelated modules, or no rule) it is generic.
+    use); otherwise (tied across unrelated modules, or no rule) it is generic. Computed once
+    per call (:mod:`curvlib._memo`).
     """
+    params = list(params)
+    return memoized(identity_key("coverage", root, params), lambda: _coverage(root, params))
+
+
+def _coverage(root: nn.Module, params: Sequence[Tensor]) -> Coverage:
     sel = {id(p) for p in params}
     claims: dict[int, list[Claim]] = {}
     owners: dict[int, list[nn.Module]] = {}
@@ -248,11 +255,16 @@ def entry_specs(
 ) -> list[tuple[list[tuple[int, ...]], int | None]]:
     """Per parameter, the factor shapes of its Kron entry and the index of the factor that
     carries ``1/N`` (``None`` for exact blocks): what the rules return, without data."""
-    cov = coverage(root, params)
-    return [
-        c.rule.entry(c.module, c.name) if c is not None else exact_block_entry(p.numel())
-        for p, c in zip(cov.params, cov.claims, strict=True)
-    ]
+
+    def specs() -> list[tuple[list[tuple[int, ...]], int | None]]:
+        cov = coverage(root, params)
+        return [
+            c.rule.entry(c.module, c.name) if c is not None else exact_block_entry(p.numel())
+            for p, c in zip(cov.params, cov.claims, strict=True)
+        ]
+
+    params = list(params)
+    return memoized(identity_key("entry_specs", root, params), specs)
 
 
 def kron_entries(root: nn.Module, params: Sequence[Tensor]) -> int:

@@ -161,6 +161,18 @@ def _total(terms: Iterable[Tensor]) -> Tensor:
     return acc
 
 
+def _gram(p: Tensor, scale: float) -> Tensor:
+    r""":math:`\frac1s \sum_{b,l} p_{blg} p_{blg}^\top` per group for patches ``p (B, L, g, r)``,
+    the scale applied to the smaller of the operand and the result."""
+    B, L, g, r = p.shape
+    if g == 1:
+        p2 = p.reshape(B * L, r)
+        if B * L < r:
+            return (p2.T @ (p2 / scale)).unsqueeze(0)
+        return (p2.T @ p2).div_(scale).unsqueeze(0)
+    return torch.einsum("blgr,blgs->grs", p, p).div_(scale)
+
+
 def exact_block_entry(n: int) -> tuple[list[tuple[int, ...]], int | None]:
     """The entry of an exact block of ``n`` parameters: dense or diagonal, no ``1/N``."""
     return ([(n,)] if n > DENSE_BLOCK_MAX else [(n, n)]), None
@@ -214,6 +226,7 @@ class LinearLikeRule(KFACRule):
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
     ) -> dict[str, list[Tensor]]:
         out: dict[str, list[Tensor]] = {}
+        G = None
         if "weight" in names:
             gs = [self.grads(module, s) for s in sites]
             ps = [self.patches(module, s) for s in sites]
@@ -223,12 +236,15 @@ class LinearLikeRule(KFACRule):
                 abar = _total(p.sum(1) for p in ps).div_(L)  # (B, g, r)
                 A = torch.einsum("bgr,bgs->grs", abar, abar).div_(N)
             else:
-                A = _total(torch.einsum("blgr,blgs->grs", p, p) for p in ps).div_(N * L)
+                A = _total(_gram(p, N * L) for p in ps)
             G, A = self._squeeze(G), self._squeeze(A)
             out["weight"] = [G, A] if self.layout == "GA" else [A, G]
         if "bias" in names:  # one G over all output channels, also with groups
-            gs = [self.bias_grads(module, s) for s in sites]
-            out["bias"] = [self._G([g.flatten(3).unsqueeze(3) for g in gs], approx)[0]]
+            if G is not None and G.ndim == 2 and type(self).bias_grads is LinearLikeRule.bias_grads:
+                out["bias"] = [G.clone()]  # the weight's G: the same output cotangents
+            else:
+                gs = [self.bias_grads(module, s) for s in sites]
+                out["bias"] = [self._G([g.flatten(3).unsqueeze(3) for g in gs], approx)[0]]
         return out
 
     def products(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
