@@ -130,7 +130,9 @@ class _AsdlBase:
 
     @contextmanager
     def _session(self) -> Iterator[None]:
-        """Run ASDL on the model and leave no trace (hooks, attributes, RNG)."""
+        """Run ASDL on the model and leave no trace (hooks, attributes, RNG): between two
+        ASDL passes of one call too (the template's hygiene step restores the model once
+        more at the end)."""
         with preserved_model(self.model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
             warnings.filterwarnings("ignore", message=".*register_backward_hook.*")

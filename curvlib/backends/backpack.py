@@ -178,7 +178,9 @@ class _BackPack:
         """
         records = Records()
         with ExitStack() as stack:
-            stack.enter_context(preserved_model(self.model, rng=False))
+            if self.__dict__.get("_params_now") is None:
+                # outside the template's hygiene step (which already restores the model)
+                stack.enter_context(preserved_model(self.model, rng=False))
             if loss is not None:  # its attributes hold the graph: a cycle torch cannot free
                 stack.enter_context(preserved_model(loss, rng=False))
             stack.enter_context(warnings.catch_warnings())
