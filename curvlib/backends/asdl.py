@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -130,13 +130,24 @@ class _AsdlBase:
 
     @contextmanager
     def _session(self) -> Iterator[None]:
-        """Run ASDL on the model and leave no trace (hooks, attributes, RNG): between two
-        ASDL passes of one call too (the template's hygiene step restores the model once
-        more at the end)."""
-        with preserved_model(self.model), warnings.catch_warnings():
+        """Run ASDL on the model and leave no trace (hooks, attributes, RNG). Inside the
+        template's hygiene step, which restores the model at the end of the call, only
+        ASDL's own attributes are removed after the pass (so that a second pass starts
+        clean); outside it the whole model is restored."""
+        with ExitStack() as stack:
+            inside = self.__dict__.get("_params_now") is not None
+            if not inside:
+                stack.enter_context(preserved_model(self.model))
+            stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
             warnings.filterwarnings("ignore", message=".*register_backward_hook.*")
-            yield
+            before = {id(m): set(m.__dict__) for m in self.model.modules()} if inside else {}
+            try:
+                yield
+            finally:
+                for m in self.model.modules() if inside else ():
+                    for k in set(m.__dict__) - before.get(id(m), set()):
+                        del m.__dict__[k]
 
     @contextmanager
     def _checked_forward(
