@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from curvlib._inputs import batch_size
 from curvlib.backends import CURVATURES, backend_class
@@ -215,8 +216,12 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
         subnetwork_indices: torch.LongTensor | None = None,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
+        low_rank: int = 10,
         **options: Any,
     ) -> None:
+        if isinstance(low_rank, bool) or not isinstance(low_rank, numbers.Integral) or low_rank < 1:
+            raise CurvlibError(f"low_rank must be a positive integer, got {low_rank!r}")
+        self.low_rank = int(low_rank)
         if self.curvlib_class is None:
             raise TypeError(
                 "CurvlibLaplaceBackend is abstract; make a backend class with "
@@ -395,6 +400,42 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
                 if a is not None:  # the factor that carries 1/N (the layer rule says which)
                     entry[a] *= B / int(N)
         return loss, kron * self.factor
+
+
+    def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
+        r"""laplace-torch's ``LowRankLaplace`` hook: ``(U (P, k'), λ (k',), loss)``.
+
+        The top ``low_rank`` eigenpairs of the curvature summed over ``data_loader`` (any
+        curvature and backend: Lanczos with full reorthogonalization,
+        :func:`curvlib.lanczos`, on curvlib's matrix-free operator over the data, at most
+        ``10 · low_rank`` iterations as laplace-torch's ASDL backend), in laplace-torch's
+        scaling; as there, only eigenvalues above ``1e-6`` are kept. ``loss`` is the summed
+        loss :math:`\sum_n \ell_n` (``factor * lossfunc``) over the data.
+        """
+        from curvlib._inputs import split_batch
+        from curvlib.estimators import lanczos
+
+        op = self.curvlib.operator(data_loader)
+        P = op.shape[0]
+        k = min(self.low_rank, P)
+        gen = torch.Generator().manual_seed(0)
+        vals, U = lanczos(op, k, num_iters=min(P, max(10 * k, 2 * k + 20)), generator=gen)
+        vals = self._dense_scale(vals)
+        keep = vals > _LOWRANK_EPS
+        loss = torch.zeros((), dtype=U.dtype, device=U.device)
+        with torch.no_grad():
+            for batch in data_loader:
+                x, y = split_batch(batch)
+                if y is None and isinstance(x, Mapping):
+                    y = x[self.dict_key_y]
+                x = tree_map(lambda t: t.to(U.device) if isinstance(t, Tensor) else t, x)
+                f = self.model(x)
+                loss = loss + self.factor * self.lossfunc(f.detach(), y.to(f.device))
+        return U[:, keep], vals[keep], loss
+
+
+#: eigenvalues kept by :meth:`CurvlibLaplaceBackend.eig_lowrank` (laplace-torch's ``EPS``)
+_LOWRANK_EPS = 1e-6
 
 
 def _batch_size(x: Any, dict_key_x: str) -> int | None:
