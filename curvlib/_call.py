@@ -56,6 +56,8 @@ class Call:
         The entry point's own per-call options (``basis`` of ``ekfac``, ``k`` of ``lowrank``).
     memo : dict
         What the call's steps compute once and share (:mod:`curvlib._memo`).
+    selection : dict or None
+        The selected parameters by name, fixed by the call's checks for all its steps.
     """
 
     curv: Any
@@ -76,6 +78,7 @@ class Call:
     options: dict[str, Any] = field(default_factory=dict)
     after_forward: list[Callable[[Call, Tensor], None]] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
+    selection: dict[str, Tensor] | None = None
     _forwarded: bool = False
 
     def __post_init__(self) -> None:

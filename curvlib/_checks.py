@@ -11,7 +11,7 @@ errors of a call; :func:`curvlib.supports` runs the same checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,6 @@ def static_problems(
     cap: Capability,
     root: nn.Module,
     params: Iterable[Tensor],
-    covered_by_rules: Callable[[nn.Module], bool] | None = None,
 ) -> list[Problem]:
     """Everything the row refuses on this model that is visible without running it.
 
@@ -62,9 +61,6 @@ def static_problems(
         The differentiated module (the model, or its last layer).
     params : iterable of Tensor
         The selected parameters.
-    covered_by_rules : callable, optional
-        ``module -> bool``: whether curvlib's K-FAC rule table covers a parameter owner
-        (used with ``cap.rules``).
     """
     selected = {id(p) for p in params}
     problems: list[Problem] = []
@@ -89,8 +85,8 @@ def static_problems(
         if not relevant:
             continue
         reason = cap.refusal(mod, owns)
-        if reason and cap.rules and owns and covered_by_rules is not None and covered_by_rules(mod):
-            continue  # curvlib's K-FAC rule table computes it
+        if reason and cap.rules and owns:
+            continue  # curvlib's K-FAC rule table computes it (a layer rule or an exact block)
         if reason:
             problems.append(Problem(path, mod, reason, "module" if cap.handles(mod) else "type"))
     return problems
@@ -251,15 +247,8 @@ class CapabilityChecks:
 
     def problems(self, what: str, cap: Capability | None = None) -> list[Problem]:
         """Everything the capability row of ``what`` refuses on the model (static checks)."""
-        from curvlib.kfac import rule_for
-
         cap = self.capability(what) if cap is None else cap
-
-        def by_rules(m: nn.Module) -> bool:
-            rule = rule_for(m)
-            return rule is not None and not rule.problem(m)
-
-        return static_problems(cap, self._model, self.params, by_rules)
+        return static_problems(cap, self._model, self.params)
 
     def _dynamic_check(self, call: Call, records: Any, f: Tensor) -> None:
         """The checks of the row that need the forward pass just recorded."""
@@ -296,13 +285,8 @@ class CapabilityChecks:
                 continue
             if kfac is not None and kfac not in cap.kfac_approx:
                 continue
-            if model:
-                from curvlib.kfac import rule_for
-
-                if static_problems(
-                    cap, self._model, self.params, lambda m: rule_for(m) is not None
-                ):
-                    continue
+            if model and static_problems(cap, self._model, self.params):
+                continue
             out.append(name)
         return out
 
@@ -382,7 +366,7 @@ class CapabilityChecks:
 
     def _finish(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:
         """Step 6: finiteness of loss and result, subnetwork selection, the reported loss."""
-        with self._fixed_selection(getattr(call, "memo", None)):
+        with self._fixed_selection(call.memo, call.selection):
             return self._finished(call, loss, result)
 
     def _finished(self, call: Call, loss: Tensor, result: Any) -> tuple[Tensor, Any]:

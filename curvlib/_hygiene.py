@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+from curvlib import _selection
 
 __all__ = ["preserved_model", "differentiable_kernels"]
 
@@ -108,3 +111,61 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
                         p.__dict__[k] = v
                 p.requires_grad_(requires_grad)
                 p.grad = grad
+
+
+class HygieneSteps:
+    """The template's hygiene steps (mixed into :class:`~curvlib.CurvatureInterface`).
+
+    :meth:`_hygiene` is the context of a call's hook: the model, its parameters and the
+    global RNG as they were, also on error; :meth:`_fixed_selection` the selected parameters
+    and the call's memo fixed for a step.
+    """
+
+    @contextmanager
+    def _hygiene(self, call: Any):
+        """Step 5's context: the model and the global RNG as they were, also on error.
+
+        An MC call without a generator draws one seed from the global RNG (advancing it as
+        any torch sampling does) and samples from a generator seeded with it; if the call
+        fails, the global RNG is put back as it was before.
+        """
+        state = None
+        from curvlib.capabilities import STRUCTURES
+
+        if call.stochastic and call.generator is None and call.what in STRUCTURES:
+            state = torch.get_rng_state()
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            call.generator = torch.Generator().manual_seed(seed)
+        try:
+            # the selection is fixed for the call (hooks read it many times)
+            with (
+                self._fixed_selection(call.memo, call.selection),
+                preserved_model(self.model),
+                differentiable_kernels(),
+            ):
+                yield
+        except BaseException:
+            if state is not None:
+                torch.set_rng_state(state)
+            raise
+
+    @contextmanager
+    def _fixed_selection(self, memo: dict | None = None, selection: dict | None = None):
+        """The selected parameters fixed for the block (read many times inside it) and the
+        call's memo (:mod:`curvlib._memo`) current. ``selection``: the one the call's checks
+        fixed (every step of a call sees the same parameters); each new call computes it
+        afresh, so that a change of ``requires_grad`` between calls is seen."""
+        from curvlib._memo import call_memo
+
+        if self.__dict__.get("_params_now") is not None:  # nested: the outer block owns it
+            with call_memo(memo):
+                yield
+            return
+        if selection is None:
+            selection = _selection.selected_params(self._model)
+        self.__dict__["_params_now"] = selection
+        try:
+            with call_memo(memo):
+                yield
+        finally:
+            self.__dict__["_params_now"] = None

@@ -25,7 +25,6 @@ last layer's with ``last_layer=True``; only ``subnetwork_indices`` of that vecto
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from curvlib import _autodiff, _inputs, _memory, _selection
 from curvlib._call import Call
 from curvlib._checks import CapabilityChecks
-from curvlib._hygiene import differentiable_kernels, preserved_model
+from curvlib._hygiene import HygieneSteps, preserved_model
 from curvlib._options import (
     KFAC_APPROX,
     OPERATOR_OPTIONS,
@@ -59,7 +58,7 @@ __all__ = [
 _OWN_OPTIONS = ("basis", "k", "remainder", "num_iters", "seed")
 
 
-class CurvatureInterface(CapabilityChecks):
+class CurvatureInterface(CapabilityChecks, HygieneSteps):
     """Curvature of ``factor * lossfunc`` of a model w.r.t. its selected parameters.
 
     Parameters
@@ -222,7 +221,9 @@ class CurvatureInterface(CapabilityChecks):
         memo: dict = {}
         with self._fixed_selection(memo):
             call = self._checked_call(what, x, y, N, kwargs, need_y, cap)
-        call.memo = memo  # the call's later steps share what its checks computed
+            selection = self.__dict__["_params_now"]
+        # the call's later steps share what its checks computed, and its selection
+        call.memo, call.selection = memo, selection
         return call
 
     def _checked_call(
@@ -274,50 +275,6 @@ class CurvatureInterface(CapabilityChecks):
         self._check_memory(call, None)
         call.after_forward.append(lambda c, f: self._check_memory(c, f))
         return call
-
-    @contextmanager
-    def _hygiene(self, call: Call):
-        """Step 5's context: the model and the global RNG as they were, also on error.
-
-        An MC call without a generator draws one seed from the global RNG (advancing it as
-        any torch sampling does) and samples from a generator seeded with it; if the call
-        fails, the global RNG is put back as it was before.
-        """
-        state = None
-        if call.stochastic and call.generator is None and call.what in STRUCTURES:
-            state = torch.get_rng_state()
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            call.generator = torch.Generator().manual_seed(seed)
-        try:
-            # the selection is fixed for the call (hooks read it many times)
-            with (
-                self._fixed_selection(call.memo),
-                preserved_model(self.model),
-                differentiable_kernels(),
-            ):
-                yield
-        except BaseException:
-            if state is not None:
-                torch.set_rng_state(state)
-            raise
-
-    @contextmanager
-    def _fixed_selection(self, memo: dict | None = None):
-        """The selected parameters computed once for the block (read many times inside it)
-        and the call's memo (:mod:`curvlib._memo`) current; recomputed by every later call,
-        so that a change of ``requires_grad`` or of the model between calls is seen."""
-        from curvlib._memo import call_memo
-
-        if self.__dict__.get("_params_now") is not None:  # nested: the outer block owns it
-            with call_memo(memo):
-                yield
-            return
-        self.__dict__["_params_now"] = _selection.selected_params(self._model)
-        try:
-            with call_memo(memo):
-                yield
-        finally:
-            self.__dict__["_params_now"] = None
 
     def _run(self, call: Call, hook) -> Any:
         """Steps 5–6 for the first part: the hook inside the hygiene context."""

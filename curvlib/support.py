@@ -211,14 +211,10 @@ def _call_checks(curv: Any, structure: str, x: Any, y: Any) -> str:
     """The call's template checks and one recorded forward pass; the first refusal or ''."""
     from curvlib._hygiene import differentiable_kernels, preserved_model
 
-    what = structure if structure != "operator" else "diag"
     need_y = structure not in ("jacobians",)
     try:
-        call = (
-            curv._begin(what, x, y, None, None, need_y=need_y) if structure != "operator" else None
-        )
-        if call is None:
-            return ""
+        # the call's own checks: jacobians take no targets (a given y is not looked at)
+        call = curv._begin(structure, x, y if need_y else None, None, None, need_y=need_y)
         records = Records()
         with preserved_model(curv.model), differentiable_kernels():
             call.inp = curv._features(call)

@@ -221,13 +221,6 @@ def test_supports_runs_the_forward_checks_only_with_an_input():
     assert "functional operation" in str(full)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curvlib/support.py _call_checks: for structure='operator' it returns '' "
-    "without running the call's checks (call is None), so supports(..., 'operator', x, y) "
-    "says supported where curv.operator(x, y) refuses the batch (here a class index out of "
-    "range: TargetError)",
-)
 def test_supports_checks_the_operator_batch():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 5, 0])
@@ -236,13 +229,6 @@ def test_supports_checks_the_operator_batch():
     assert not curvlib.supports(model, "autograd", "ggn", "operator", x=x, y=y).supported
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curvlib/support.py _call_checks: for 'jacobians' _begin(need_y=False) keeps the "
-    "given y in the Call and call.forward checks it against the output, so supports(..., "
-    "'jacobians', x=x, y=y) says NOT supported when y does not fit, although "
-    "curv.jacobians(x) takes no targets and succeeds",
-)
 def test_supports_jacobians_ignores_targets():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 5, 0])

@@ -166,12 +166,6 @@ def test_attention_out_proj_is_never_counted_as_unused():
             assert all(bool(f.abs().sum() > 0) for f in F), n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interface.problems(): for a kron row with rules=True a module without a rule "
-    "(the model root owning ViT's bare class_token) is refused, although LayerPass gives "
-    "its parameters exact blocks; covered_by_rules should accept every module for kron",
-)
 def test_asdl_kron_delegates_bare_parameters():
     case, model, x, y = _case("vit_cls")
     loss, K = curvlib.AsdlGGN(model, "classification").kron(x, y, N=len(y))

@@ -401,7 +401,6 @@ class CurvlibLaplaceBackend(LaplaceCurvatureInterface):
                     entry[a] *= B / int(N)
         return loss, kron * self.factor
 
-
     def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
         r"""laplace-torch's ``LowRankLaplace`` hook: ``(U (P, k'), λ (k',), loss)``.
 
