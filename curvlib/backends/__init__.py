@@ -45,7 +45,7 @@ _REGISTRY: dict[str, dict[str, Any]] = {
     "asdl": {
         "ggn": "curvlib.backends.asdl:AsdlGGN",
         "ef": "curvlib.backends.asdl:AsdlEF",
-        "hessian": "curvlib.backends.asdl:AsdlHessian",
+        "hessian": "curvlib.backends.asdl_hessian:AsdlHessian",
     },
 }
 _FISHER_CACHE: dict[type, type] = {}

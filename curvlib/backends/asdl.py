@@ -63,18 +63,12 @@ from curvlib.errors import CapabilityError, UnsupportedModuleError
 from curvlib.interface import EFInterface, GGNInterface
 from curvlib.kron import Kron
 
-__all__ = ["AsdlGGN", "AsdlEF", "AsdlHessian"]
+__all__ = ["AsdlGGN", "AsdlEF"]  # AsdlHessian: curvlib.backends.asdl_hessian
 
 # Unique attribute names for ASDL's results: its makers delete any attribute of that name
 # before a call, so the defaults (``fisher``, ``hessian``, ...) could destroy a user's.
 _ATTR = "_curvlib_asdl_"
 _FISHER_ATTRS = {"fisher_attr": _ATTR + "fisher", "fvp_attr": _ATTR + "fvp"}
-_HESSIAN_ATTRS = {
-    "hessian_attr": _ATTR + "hessian",
-    "tmp_hessian_attr": _ATTR + "tmp_hessian",
-    "hvp_attr": _ATTR + "hvp",
-    "tmp_hvp_attr": _ATTR + "tmp_hvp",
-}
 
 
 class _Fallback(Exception):
@@ -491,7 +485,3 @@ class AsdlGGN(_AsdlFisher, GGNInterface):
 
 class AsdlEF(_AsdlFisher, EFInterface):
     """Empirical Fisher (``FISHER_EMP`` on the reported loss) with the ASDL backend."""
-
-
-# ASDL's HessianMaker lives in its own module, which imports this one
-from curvlib.backends.asdl_hessian import AsdlHessian  # noqa: E402

@@ -1,6 +1,6 @@
 """The ASDL backend's Hessian: ``full`` and ``diag`` from ASDL's ``HessianMaker``.
 
-Part of :mod:`curvlib.backends.asdl` (re-exported there as ``AsdlHessian``); the Fisher
+Part of the ASDL backend (also importable from :mod:`curvlib.backends.asdl`); the Fisher
 makers' classes and the shared ASDL session live in that module, the top-eigenpair search
 of :meth:`AsdlHessian.eig_lowrank` in :mod:`curvlib.backends.asdl_lowrank`.
 """
@@ -14,10 +14,18 @@ import torch
 from torch import Tensor
 
 from curvlib._call import Call
-from curvlib.backends.asdl import _HESSIAN_ATTRS, _AsdlBase, _read_diag
+from curvlib.backends.asdl import _ATTR, _AsdlBase, _read_diag
 from curvlib.interface import HessianInterface
 
 __all__ = ["AsdlHessian"]
+
+#: unique attribute names for ASDL's Hessian results (see ``_ATTR`` in the ASDL module)
+HESSIAN_ATTRS = {
+    "hessian_attr": _ATTR + "hessian",
+    "tmp_hessian_attr": _ATTR + "tmp_hessian",
+    "hvp_attr": _ATTR + "hvp",
+    "tmp_hvp_attr": _ATTR + "tmp_hvp",
+}
 
 
 class AsdlHessian(_AsdlBase, HessianInterface):
@@ -28,10 +36,13 @@ class AsdlHessian(_AsdlBase, HessianInterface):
     eigenpairs of the Hessian over a data loader with ASDL's Hessian-vector products.
     """
 
+    #: the attribute of ASDL's Hessian-vector products (read by ``eig_lowrank``)
+    hvp_attr = HESSIAN_ATTRS["hvp_attr"]
+
     def _maker(self, shape: str):
         from asdl.hessian import HessianConfig, HessianMaker
 
-        return HessianMaker(self._model, HessianConfig(hessian_shapes=[shape], **_HESSIAN_ATTRS))
+        return HessianMaker(self._model, HessianConfig(hessian_shapes=[shape], **HESSIAN_ATTRS))
 
     def _setup(self, hm: Any, call: Call, inp: Any, y: Tensor) -> None:
         def model_fn(inp: Any) -> Tensor:
@@ -79,7 +90,7 @@ class AsdlHessian(_AsdlBase, HessianInterface):
                 hm = self._maker(SHAPE_FULL)
                 self._setup(hm, call, call.inp, call.y)
                 hm.forward_and_backward()
-                H_live = getattr(self._model, _HESSIAN_ATTRS["hessian_attr"]).data
+                H_live = getattr(self._model, HESSIAN_ATTRS["hessian_attr"]).data
                 H[idx[:, None], idx[None, :]] = H_live
                 loss = hm.loss.detach()
         return loss, call.select_full(H)
@@ -95,7 +106,7 @@ class AsdlHessian(_AsdlBase, HessianInterface):
                 hm = self._maker(SHAPE_DIAG)
                 self._setup(hm, call, call.inp, call.y)
                 hm.forward_and_backward()
-                h[idx] = _read_diag(self._model, _HESSIAN_ATTRS["hessian_attr"], live)
+                h[idx] = _read_diag(self._model, HESSIAN_ATTRS["hessian_attr"], live)
                 loss = hm.loss.detach()
         return loss, h
 

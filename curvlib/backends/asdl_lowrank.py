@@ -1,6 +1,6 @@
 """Top eigenpairs of the Hessian over a data loader with ASDL's Hessian-vector products.
 
-The implementation of :meth:`curvlib.backends.asdl.AsdlHessian.eig_lowrank`.
+The implementation of :meth:`curvlib.backends.asdl_hessian.AsdlHessian.eig_lowrank`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ def eig_lowrank(
     generator: torch.Generator | None,
     positive_only: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """See :meth:`curvlib.backends.asdl.AsdlHessian.eig_lowrank`."""
+    """See :meth:`curvlib.backends.asdl_hessian.AsdlHessian.eig_lowrank`."""
     import numpy as np
     from asdl.matrices import SHAPE_FULL
     from asdl.vector import ParamVector
     from scipy.sparse.linalg import LinearOperator, eigsh
-
-    from curvlib.backends.asdl import _HESSIAN_ATTRS
 
     ref = curv.params[0] if curv.params else None
     if ref is None:
@@ -47,7 +45,7 @@ def eig_lowrank(
     n = P if idx is None else idx.numel()
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise InputError(f"k must be an integer in [1, {n}], got {k!r}")
-    attr = _HESSIAN_ATTRS["hvp_attr"]
+    attr = curv.hvp_attr  # where ASDL's Hessian-vector product lands
     with curv._session():
         hm = curv._maker(SHAPE_FULL)
         loss = torch.zeros((), dtype=ref.dtype, device=ref.device)

@@ -52,8 +52,6 @@ __all__ = [
     "KFACRule",
     "LinearLikeRule",
     "LinearRule",
-    "ConvRule",
-    "ConvTransposeRule",
     "HFConv1DRule",
     "EmbeddingRule",
     "ExactBlockRule",
@@ -61,7 +59,6 @@ __all__ = [
     "register_kfac_rule",
     "rule_for",
     "kfac_rules",
-    "unfold",
     "exact_block_entry",
 ]
 
@@ -515,8 +512,3 @@ for _t in (
     nn.modules.instancenorm._InstanceNorm,
 ):
     register_kfac_rule(_t, NormRule())
-
-# the convolutions' and nn.MultiheadAttention's rules live in their own modules, which
-# import this one
-from curvlib.kfac import attention as _attention  # noqa: E402, F401
-from curvlib.kfac.conv import ConvRule, ConvTransposeRule, unfold  # noqa: E402

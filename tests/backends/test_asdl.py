@@ -19,7 +19,8 @@ from torch import nn
 asdl = pytest.importorskip("asdl", reason="ASDL (pip install asdfghjkl==0.1a4) is not installed")
 
 from curvlib import AutogradGGN, CapabilityError, UnsupportedModuleError  # noqa: E402
-from curvlib.backends.asdl import AsdlEF, AsdlGGN, AsdlHessian  # noqa: E402
+from curvlib.backends.asdl import AsdlEF, AsdlGGN  # noqa: E402
+from curvlib.backends.asdl_hessian import AsdlHessian  # noqa: E402
 from curvlib.capabilities import ASDL_MODULES  # noqa: E402
 
 TOL = 1e-10
