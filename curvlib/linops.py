@@ -114,6 +114,7 @@ class CurvatureOperator:
         self._batch: Any = None
         self._samples: list[tuple[Tensor, Tensor]] | None = None
         self._num_data: int | None = None
+        self._data_checked = False  # every batch of the data seen by the output checks
         if data is None:
             self._batch = self._checked(x, y)
             self._num_data = self._batch.B
@@ -150,20 +151,34 @@ class CurvatureOperator:
         return call
 
     def _batches(self) -> Iterator[Any]:
-        """The validated call of every batch of the data."""
+        """The validated call of every batch of the data.
+
+        Before the first product every batch is checked, its output included (the targets
+        against the outputs, the loss), in one forward pass over the data: a bad batch is
+        refused before any product is computed.
+        """
         if self._batch is not None:
             yield self._batch
             return
+        if not self._data_checked:
+            for _ in self._calls(check=True):
+                pass
+            self._data_checked = True
+        yield from self._calls(check=False)
+
+    def _calls(self, check: bool) -> Iterator[Any]:
         it: Iterable = self._data
         if self.progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="curvature product", leave=False)
+            it = tqdm(it, desc="checking the data" if check else "curvature product", leave=False)
         for batch in it:
             x, y = split_batch(batch)
             call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
             with self.curv._hygiene(call):
                 call.inp = self.curv._features(call)
+                if check:
+                    call.forward(grad=False)
             yield call
 
     def _draw(self, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:

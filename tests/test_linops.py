@@ -7,8 +7,10 @@ import pytest
 import reference as ref
 import torch
 from cases import CASE_IDS, CASES
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import curvlib
 from curvlib import AutogradEF, AutogradGGN, AutogradHessian, InputError
 from curvlib.linops import CurvatureOperator, curvature_operator
 
@@ -172,3 +174,19 @@ def test_create_graph_operator_is_differentiable():
 
     expected = torch.autograd.functional.jacobian(q, theta)
     assert ref.rel_err(got, expected) < 1e-9
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef", "hessian", "fisher"])
+def test_operator_over_data_checks_every_batch_before_any_product(curvature):
+    """A batch whose targets do not fit the outputs (known only after a forward pass) is
+    refused by name before any product, even when it is not the first batch."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    good = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    bad = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 5, 0]))
+    curv = curvlib.make_curvature(model, "classification", f"autograd:{curvature}")
+    backwards = []
+    model[0].register_full_backward_hook(lambda *a: backwards.append(1))
+    with pytest.raises(curvlib.TargetError, match="class indices"):
+        op = curv.operator([good, bad], generator=torch.Generator().manual_seed(0))
+        op @ torch.randn(op.shape[0], dtype=torch.float64)
+    assert not backwards
