@@ -24,6 +24,8 @@ MODULES = [
     "curvlib.support",
     "curvlib.kfac",
     "curvlib.kfac.rules",
+    "curvlib.kfac.conv",
+    "curvlib.kfac.attention",
     "curvlib.linops",
     "curvlib.estimators",
     "curvlib.layers",
@@ -35,6 +37,7 @@ MODULES = [
     "curvlib.backends.auto",
     "curvlib.backends.backpack",
     "curvlib.backends.asdl",
+    "curvlib.backends.asdl_hessian",
     "curvlib.integrations.laplace",
     "curvlib.errors",
 ]
