@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlib import _autodiff
 from curvlib.kfac.rules import KFACRule, Site
 
 __all__ = ["capture", "backprop_to_sites"]
@@ -215,6 +216,7 @@ def backprop_to_sites(
     layers: Sequence[tuple[nn.Module, KFACRule]],
     forward: Callable[[], Tensor],
     cotangent_fn: Callable[[Tensor], Tensor],
+    key: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, dict[int, list[Site]]]:
     """Forward with the layers recorded, then pull the cotangents back to every site.
 
@@ -234,6 +236,9 @@ def backprop_to_sites(
         Runs the model's forward pass (with grad) and returns the output ``f``.
     cotangent_fn : callable
         ``f (detached) -> c`` of shape ``(B, K, *f.shape[1:])``.
+    key : nn.Module, optional
+        The model, to remember that it needs copies of the recorded tensors (see
+        :func:`curvlib._autodiff.mode_of`).
 
     Returns
     -------
@@ -244,11 +249,15 @@ def backprop_to_sites(
     sites : dict
         Module id to its sites, each with ``g`` set (``(K, B, ...)``).
     """
-    for protect in (False, True):
+    # a model found to change a recorded tensor in place (a residual ``out += identity``
+    # after a layer) is recorded with copies from the start on later calls
+    modes = _autodiff.mode_of(key) if key is not None else {}
+    for protect in (True,) if modes.get("capture") == "protect" else (False, True):
         with capture(layers, protect) as store, torch.enable_grad():
             f = forward()
         if not _modified(store):
             break
+        modes["capture"] = "protect"
     cot = cotangent_fn(f.detach())
     B, K = cot.shape[:2]
     sites = [s for m, _ in layers for s in store[id(m)]]

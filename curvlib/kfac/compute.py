@@ -163,7 +163,9 @@ class LayerPass:
         ``generic(params, cot) -> (B, K, P_g)`` gives the products of the parameters no rule
         covers (required if there are any).
         """
-        self.f, self.cot, self.sites = backprop_to_sites(self.cov.layers, forward, cotangent_fn)
+        self.f, self.cot, self.sites = backprop_to_sites(
+            self.cov.layers, forward, cotangent_fn, key=self.root
+        )
         idx = self.cov.generic
         if idx:
             if generic is None:
