@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import _autodiff
-from curvlib.kfac.rules import KFACRule, Site
+from curvlib.kfac.rules import KFACRule, LinearRule, Site
 
 __all__ = ["capture", "backprop_to_sites"]
 
@@ -123,22 +123,25 @@ def _shapes(site: Site) -> list[torch.Size]:
     return out
 
 
-def _feature_dims(module: nn.Module | None, ndim: int) -> set[int]:
-    """Dimensions of a layer's tensors that cannot hold the batch: the last of a Linear-like
-    layer (it maps the last dimension); every dimension but the first of a convolution's
-    batched tensors (it keeps the rows of dimension 0 apart)."""
+def _feature_dims(module: nn.Module | None, rule: KFACRule | None, ndim: int) -> set[int]:
+    """Dimensions of a layer's tensors that cannot hold the batch: the last of a layer whose
+    rule is a :class:`~curvlib.kfac.rules.LinearRule` (it maps the last dimension); every
+    dimension but the first of a convolution's batched tensors (it keeps the rows of
+    dimension 0 apart)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         # batched input (B, C, *spatial): the convolution treats dimension 0 as the batch,
         # rows never mix; unbatched (C, *spatial): the channels
         if ndim == len(module.kernel_size) + 2:
             return set(range(1, ndim))
         return {1}
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if isinstance(rule, LinearRule):
         return {ndim - 1}
     return set()
 
 
-def _plain(site: Site, B: int, module: nn.Module | None = None) -> bool:
+def _plain(
+    site: Site, B: int, module: nn.Module | None = None, rule: KFACRule | None = None
+) -> bool:
     """Batch dimension 0, beyond doubt: every tensor of the site has ``B`` rows and no other
     dimension of size ``B`` that could hold the batch (a layer's feature dimensions cannot;
     a 1-D integer input is ambiguous: tokens or positions)."""
@@ -148,7 +151,7 @@ def _plain(site: Site, B: int, module: nn.Module | None = None) -> bool:
     def plain(s: torch.Size) -> bool:
         if len(s) < 1 or s[0] != B:
             return False
-        feat = _feature_dims(module, len(s))
+        feat = _feature_dims(module, rule, len(s))
         return B == 1 or all(n != B for i, n in enumerate(s) if i and i not in feat)
 
     return all(plain(s) for s in _shapes(site))
@@ -170,11 +173,15 @@ def _probe_dim(site: Site, g: Tensor, B: int) -> int:
 
 
 def _layouts(
-    f: Tensor, sites: list[Site], B: int, per_column: bool, owners: list[nn.Module]
+    f: Tensor,
+    sites: list[Site],
+    B: int,
+    per_column: bool,
+    owners: list[tuple[nn.Module, KFACRule]],
 ) -> list[int]:
     """Per site its batch dimension, or :data:`SHARED` (see :func:`backprop_to_sites`)."""
     layouts = [0] * len(sites)
-    probe = [i for i, s in enumerate(sites) if not _plain(s, B, owners[i])]
+    probe = [i for i, s in enumerate(sites) if not _plain(s, B, *owners[i])]
     if not probe:
         return layouts
     if B == 1:
@@ -261,11 +268,11 @@ def backprop_to_sites(
     cot = cotangent_fn(f.detach())
     B, K = cot.shape[:2]
     sites = [s for m, _ in layers for s in store[id(m)]]
-    owners = [m for m, _ in layers for _ in store[id(m)]]
+    owners = [(m, rule) for m, rule in layers for _ in store[id(m)]]
     per_column = any(isinstance(m, nn.modules.conv._ConvNd) for m, _ in layers)
     if not (sites and f.requires_grad):
-        for s, m in zip(sites, owners, strict=True):  # nothing reaches the output: zeros
-            d = 0 if _plain(s, B, m) else SHARED
+        for s, owner in zip(sites, owners, strict=True):  # nothing reaches the output: zeros
+            d = 0 if _plain(s, B, *owner) else SHARED
             shape = (K, B, *s.out.shape) if d == SHARED else (K, *s.out.shape)
             _batch_first(s, d, s.out.new_zeros(shape), B)
         return f.detach(), cot, store
