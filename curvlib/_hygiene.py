@@ -63,14 +63,9 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
     back on exit like every attribute.
     """
     modules = list(model.modules())
-    saved_mods = []
-    for m in modules:
-        attrs = dict(m.__dict__)
-        # shallow copies of its dicts (hooks, parameters, submodules): restored by identity
-        containers = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
-        saved_mods.append((m, attrs, containers))
+    saved_mods = [_snapshot(m.__dict__) for m in modules]
     params = list(model.parameters())
-    saved_params = [(p, dict(p.__dict__), p.grad, p.requires_grad) for p in params]
+    saved_params = [(p, p.__dict__.copy(), p.grad, p.requires_grad) for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
     for p in params:
         p.grad = None
@@ -86,31 +81,55 @@ def preserved_model(model: nn.Module, rng: bool = True) -> Iterator[nn.Module]:
                 for b, value in saved_buffers:
                     if not torch.equal(b, value):
                         b.copy_(value)
-            for m, attrs, containers in saved_mods:
-                for k in set(m.__dict__) - set(attrs):
-                    del m.__dict__[k]
-                for k, v in attrs.items():
-                    if m.__dict__.get(k) is not v:
-                        m.__dict__[k] = v
-                for k, items in containers.items():
-                    d = m.__dict__[k]
-                    if not items and not d:
-                        continue  # the common case: an empty hook dict left empty
-                    same = len(d) == len(items) and all(
-                        k1 == k2 and v1 is v2
-                        for (k1, v1), (k2, v2) in zip(d.items(), items.items(), strict=True)
-                    )
-                    if not same:
-                        d.clear()
-                        d.update(items)
+            for m, saved in zip(modules, saved_mods, strict=True):
+                _restore(m.__dict__, *saved)
             for p, attrs, grad, requires_grad in saved_params:
-                for k in set(p.__dict__) - set(attrs):
-                    delattr(p, k)
-                for k, v in attrs.items():
-                    if p.__dict__.get(k) is not v:
-                        p.__dict__[k] = v
-                p.requires_grad_(requires_grad)
+                if p.__dict__.keys() != attrs.keys() or any(
+                    p.__dict__[k] is not v for k, v in attrs.items()
+                ):
+                    for k in p.__dict__.keys() - attrs.keys():
+                        delattr(p, k)
+                    for k, v in attrs.items():
+                        if p.__dict__.get(k) is not v:
+                            p.__dict__[k] = v
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
                 p.grad = grad
+
+
+def _snapshot(attrs: dict) -> tuple[dict, list, list]:
+    """A module's attributes, shallow copies of its non-empty dicts (hooks, parameters,
+    submodules: restored by identity), and its empty dicts (to be found empty again)."""
+    full, empty = [], []
+    for k, v in attrs.items():
+        if isinstance(v, dict):
+            if v:
+                full.append((k, v.copy()))
+            else:
+                empty.append(v)
+    return attrs.copy(), full, empty
+
+
+def _restore(current: dict, attrs: dict, full: list, empty: list) -> None:
+    """Put back what :func:`_snapshot` saved: the same attribute objects, the same items."""
+    if current.keys() != attrs.keys():
+        for k in current.keys() - attrs.keys():
+            del current[k]
+    for k, v in attrs.items():
+        if current.get(k) is not v:
+            current[k] = v
+    for d in empty:  # the common case: an empty hook dict left empty
+        if d:
+            d.clear()
+    for k, items in full:
+        d = current[k]
+        same = len(d) == len(items) and all(
+            k1 == k2 and v1 is v2
+            for (k1, v1), (k2, v2) in zip(d.items(), items.items(), strict=True)
+        )
+        if not same:
+            d.clear()
+            d.update(items)
 
 
 class HygieneSteps:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import _autodiff
-from curvlib.kfac.rules import KFACRule, LinearRule, Site
+from curvlib.kfac.rules import KFACRule, Site
 
 __all__ = ["capture", "backprop_to_sites"]
 
@@ -123,35 +123,20 @@ def _shapes(site: Site) -> list[torch.Size]:
     return out
 
 
-def _feature_dims(module: nn.Module | None, rule: KFACRule | None, ndim: int) -> set[int]:
-    """Dimensions of a layer's tensors that cannot hold the batch: the last of a layer whose
-    rule is a :class:`~curvlib.kfac.rules.LinearRule` (it maps the last dimension); every
-    dimension but the first of a convolution's batched tensors (it keeps the rows of
-    dimension 0 apart)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        # batched input (B, C, *spatial): the convolution treats dimension 0 as the batch,
-        # rows never mix; unbatched (C, *spatial): the channels
-        if ndim == len(module.kernel_size) + 2:
-            return set(range(1, ndim))
-        return {1}
-    if isinstance(rule, LinearRule):
-        return {ndim - 1}
-    return set()
-
-
 def _plain(
     site: Site, B: int, module: nn.Module | None = None, rule: KFACRule | None = None
 ) -> bool:
     """Batch dimension 0, beyond doubt: every tensor of the site has ``B`` rows and no other
-    dimension of size ``B`` that could hold the batch (a layer's feature dimensions cannot;
-    a 1-D integer input is ambiguous: tokens or positions)."""
+    dimension of size ``B`` that could hold the batch (those the rule's
+    :meth:`~curvlib.kfac.rules.KFACRule.batch_free_dims` names cannot; a 1-D integer input
+    is ambiguous: tokens or positions)."""
     if isinstance(site.a, Tensor) and site.a.ndim < 2 and B > 1:
         return False
 
     def plain(s: torch.Size) -> bool:
         if len(s) < 1 or s[0] != B:
             return False
-        feat = _feature_dims(module, rule, len(s))
+        feat = rule.batch_free_dims(module, len(s)) if rule is not None else set()
         return B == 1 or all(n != B for i, n in enumerate(s) if i and i not in feat)
 
     return all(plain(s) for s in _shapes(site))

@@ -124,6 +124,13 @@ class KFACRule:
 
         return [module.register_forward_hook(hook)]
 
+    def batch_free_dims(self, module: nn.Module, ndim: int) -> set[int]:
+        """Dimensions of an ``ndim``-dimensional tensor the module records that cannot hold
+        the data points: the capture needs no probe for the batch dimension of a site whose
+        tensors have the batch size in dimension 0 and in none of the others but these
+        (:mod:`curvlib.kfac.capture`). The default excludes none (a probe decides)."""
+        return set()
+
     def factors(
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
     ) -> dict[str, list[Tensor]]:
@@ -261,6 +268,8 @@ class LinearLikeRule(KFACRule):
         s = sites[0]
         g, a = self.grads(module, s), self.patches(module, s)
         K, B, L, ng, o = g.shape
+        if L == 1 and ng == 1:
+            return self._plain_squares(module, g[:, :, 0, 0], a[:, 0, 0], names, s)
         out: dict[str, Tensor] = {}
         if "weight" in names:
             if L == 1:  # no weight sharing: sum_{n,k} g^2 (a^2)^T, never per-sample gradients
@@ -279,9 +288,30 @@ class LinearLikeRule(KFACRule):
             out["bias"] = self.bias_grads(module, s).sum(2).square().sum((0, 1)).flatten()
         return out
 
+    def _plain_squares(
+        self, module: nn.Module, g: Tensor, a: Tensor, names: list[str], site: Site
+    ) -> dict[str, Tensor]:
+        r"""One location, one group: :math:`\sum_{n,k} g_{nk}^{\circ 2} (a_n^{\circ 2})^\top`
+        as one matrix product of ``g (K, B, o)`` and ``a (B, r)`` (no einsum dispatch)."""
+        g2 = g[0].square() if g.shape[0] == 1 else g.square().sum(0)  # (B, o)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            a2 = a.square()
+            w = g2.T @ a2 if self.layout == "GA" else a2.T @ g2
+            out["weight"] = w.flatten()
+        if "bias" in names:
+            if type(self).bias_grads is LinearLikeRule.bias_grads:  # the weight's cotangents
+                out["bias"] = g2.sum(0)
+            else:
+                out["bias"] = self.bias_grads(module, site).sum(2).square().sum((0, 1)).flatten()
+        return out
+
 
 class LinearRule(LinearLikeRule):
     """``nn.Linear`` on inputs ``(B, *, in)``: every leading position is a location."""
+
+    def batch_free_dims(self, module: nn.Module, ndim: int) -> set[int]:
+        return {ndim - 1}  # the map mixes the last dimension
 
     def patches(self, module: nn.Module, site: Site) -> Tensor:
         a = site.a
@@ -393,6 +423,17 @@ class NormRule(ExactBlockRule):
     :math:`\sum g`, summed over the positions the parameter is broadcast over; each
     parameter gets its exact block ``[H]``.
     """
+
+    def batch_free_dims(self, module: nn.Module, ndim: int) -> set[int]:
+        """LayerNorm: its normalized (last) dimensions; the others: every dimension but the
+        first of a batched input ``(N, C, *)``, which they treat as the batch (GroupNorm
+        normalizes the rest per row, BatchNorm and InstanceNorm keep channels apart)."""
+        if isinstance(module, nn.LayerNorm):
+            return set(range(max(0, ndim - len(module.normalized_shape)), ndim))
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            if ndim == module._get_no_batch_dim():  # unbatched (C, *)
+                return set()
+        return set(range(1, ndim))
 
     def problem(self, module: nn.Module) -> str:
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is None:
