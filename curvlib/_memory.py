@@ -33,7 +33,17 @@ from torch import Tensor
 
 from curvlib.errors import InputError, MemoryLimitError
 
-__all__ = ["Sizes", "MODELS", "ENV_VAR", "parse_limit", "limit_of", "estimate", "check", "human"]
+__all__ = [
+    "Sizes",
+    "MODELS",
+    "USES_C",
+    "ENV_VAR",
+    "parse_limit",
+    "limit_of",
+    "estimate",
+    "check",
+    "human",
+]
 
 ENV_VAR = "CURVLIB_MEMORY_LIMIT"
 
@@ -85,8 +95,8 @@ MODELS: dict[str, Callable[[Sizes], int | None]] = {
     "layer_blocks": lambda s: s.count("layer_blocks"),
 }
 
-#: the memory models that read ``C``
-_USES_C = ("P2+BCP", "BCP")
+#: the memory models that read ``C`` (checked again after the first forward pass)
+USES_C = ("P2+BCP", "BCP")
 #: entry points that are no structure, never offered as a cheaper alternative
 _NOT_STRUCTURES = ("jacobians", "gradients", "last_layer_jacobians")
 
@@ -196,7 +206,7 @@ def check(
     if cap is None:
         return
     # before the first forward pass C is unknown: C >= 1 gives a lower bound
-    lower = sizes.C is None and model in _USES_C
+    lower = sizes.C is None and model in USES_C
     need = estimate(model, replace(sizes, C=1) if lower else sizes, itemsize)
     if need is None or need <= cap:
         return
@@ -223,7 +233,7 @@ def check(
         + (f", P_s = {sizes.P_s:,}" if sizes.P_s != sizes.P else "")
         + (
             f", B = {sizes.B}, " + ("C >= 1" if lower else f"C = {sizes.C}")
-            if model in _USES_C
+            if model in USES_C
             else ""
         )
         + f"), more than the limit of {human(cap)} ({source}). "

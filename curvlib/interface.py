@@ -273,7 +273,8 @@ class CurvatureInterface(CapabilityChecks, HygieneSteps):
         )
         self._check_capability(call, x)
         self._check_memory(call, None)
-        call.after_forward.append(lambda c, f: self._check_memory(c, f))
+        if cap.memory in _memory.USES_C:  # the estimate changes once C is known
+            call.after_forward.append(lambda c, f: self._check_memory(c, f))
         return call
 
     def _run(self, call: Call, hook) -> Any:

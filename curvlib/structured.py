@@ -78,13 +78,21 @@ def rotate_square(D: Tensor, bases: Sequence[Tensor | None], grouped: bool) -> T
 
 
 def _passes(
-    curv: Any, call: Call, cotangents=None, light: bool = False, chunk_entries=2**25, cov=None
+    curv: Any,
+    call: Call,
+    cotangents=None,
+    light: bool = False,
+    chunk_entries=2**25,
+    cov=None,
+    stream: bool = False,
 ):
     """``(loss, LayerPass)`` per batch chunk (one recorded forward and backward pass each).
 
     Chunks keep ``(b, K, P)`` within ``chunk_entries`` unless ``light`` (the caller needs no
     per-sample products: one chunk). ``cotangents(call, f, y, generator)`` defaults to the
-    curvature's own.
+    curvature's own. With ``stream`` each batch chunk is yielded once per chunk of cotangent
+    columns (:meth:`~curvlib.kfac.LayerPass.stream`; the loss with the first, 0 after), for
+    a caller that sums over the columns.
     """
     from curvlib.kfac import LayerPass, coverage
 
@@ -98,13 +106,15 @@ def _passes(
         s = slice(start, min(B, start + size))
         inp, y, gen = slice_batch(call.inp, s), call.y[s], call.generator_slice(s)
         lp = LayerPass(root, params, cov)
-        f = lp.run(
+        chunks = lp.stream(
             lambda inp=inp, y=y: call.forward(inp, y),
             lambda f, y=y, gen=gen: cot_fn(call, f, y, gen),
             curv._generic_products_for(inp),
+            stream,
         )
-        yield call.loss(f, y), lp
-        K = lp.cot.shape[1]
+        for f, cols in chunks:
+            yield (call.loss(f, y) if cols.start == 0 else 0.0), lp
+        K = lp.num_columns
         start = s.stop
         size = B if light else max(1, chunk_entries // max(1, K * P))
 
@@ -126,7 +136,9 @@ def layer_products(curv: Any, call: Call, structure: str, cotangents=None) -> tu
     cov = coverage(curv.differentiated_module, curv.params)
     light = structure == "diag" and not cov.generic
     loss, out = 0.0, None
-    for part_loss, lp in _passes(curv, call, cotangents, light, cov=cov):
+    # the diagonal sums over the cotangent columns: they are streamed
+    stream = structure == "diag"
+    for part_loss, lp in _passes(curv, call, cotangents, light, cov=cov, stream=stream):
         if structure == "diag":
             part = lp.squares()
         else:

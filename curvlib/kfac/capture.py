@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from curvlib import _autodiff
 from curvlib.kfac.rules import KFACRule, Site
 
-__all__ = ["capture", "backprop_to_sites"]
+__all__ = ["capture", "backprop_to_sites", "backprop_columns", "STREAM_BYTES"]
 
 
 def _version(t: Any) -> int:
@@ -183,10 +183,12 @@ def _layouts(
     return layouts
 
 
-def _batch_first(site: Site, d: int, g: Tensor, B: int) -> None:
-    """Set ``site.g`` and put the batch dimension first (``a``, ``out``: ``(B, ...)``,
-    ``g``: ``(K, B, ...)``); a :data:`SHARED` site gets one copy per data point."""
-    if d == SHARED:  # g: (K, B, *out.shape), data point n's cotangents in [:, n]
+def _arrange(site: Site, d: int, B: int) -> None:
+    """Put the batch dimension of ``site.a`` and ``site.out`` first (``(B, ...)``); a
+    :data:`SHARED` site gets one copy per data point. The layout is kept in ``site.info``
+    for :func:`_arrange_g`."""
+    lead = False
+    if d == SHARED:
         lead = site.out.ndim > 0 and site.out.shape[0] == 1
         if isinstance(site.a, Tensor):
             lead = lead and site.a.ndim > 0 and site.a.shape[0] == 1
@@ -194,14 +196,33 @@ def _batch_first(site: Site, d: int, g: Tensor, B: int) -> None:
             site.a = a.expand(B, *a.shape[1:])
         out = site.out if lead else site.out.unsqueeze(0)
         site.out = out.expand(B, *out.shape[1:])
-        site.g = g.squeeze(2) if lead else g
-        return
-    if d:
+    elif d:
         if isinstance(site.a, Tensor):
             site.a = site.a.movedim(d, 0)
         site.out = site.out.movedim(d, 0)
-        g = g.movedim(d + 1, 1)
-    site.g = g
+    site.info["layout"] = (d, lead)
+
+
+def _arrange_g(site: Site, g: Tensor) -> None:
+    """Set ``site.g`` ``(K, B, ...)`` from the cotangents of the site's output as recorded
+    (``(K, *out.shape)``; a :data:`SHARED` site: ``(K, B, *out.shape)``, data point ``n``'s
+    in ``[:, n]``)."""
+    d, lead = site.info["layout"]
+    if d == SHARED:
+        site.g = g.squeeze(2) if lead else g
+    else:
+        site.g = g.movedim(d + 1, 1) if d else g
+
+
+#: bytes of site cotangents held at once when the columns are streamed
+#: (:func:`backprop_columns`): at least one column
+STREAM_BYTES = 2**25
+
+
+def _columns_per_chunk(K: int, column_bytes: int, stream: bool) -> int:
+    if not stream:
+        return K
+    return max(1, min(K, STREAM_BYTES // max(1, column_bytes)))
 
 
 def backprop_to_sites(
@@ -210,6 +231,29 @@ def backprop_to_sites(
     cotangent_fn: Callable[[Tensor], Tensor],
     key: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, dict[int, list[Site]]]:
+    """Forward with the layers recorded, then pull all cotangent columns back to every site
+    (see :func:`backprop_columns`).
+
+    Returns
+    -------
+    f : Tensor
+        The detached output.
+    cot : Tensor
+        The cotangents ``cotangent_fn(f)``.
+    sites : dict
+        Module id to its sites, each with ``g`` set (``(K, B, ...)``).
+    """
+    ((f, cot, store, _),) = backprop_columns(layers, forward, cotangent_fn, key)  # one chunk
+    return f, cot, store
+
+
+def backprop_columns(
+    layers: Sequence[tuple[nn.Module, KFACRule]],
+    forward: Callable[[], Tensor],
+    cotangent_fn: Callable[[Tensor], Tensor],
+    key: nn.Module | None = None,
+    stream: bool = False,
+) -> Iterator[tuple[Tensor, Tensor, dict[int, list[Site]], slice]]:
     """Forward with the layers recorded, then pull the cotangents back to every site.
 
     A site's tensors need not have the data points along their first dimension: a layer
@@ -221,6 +265,11 @@ def backprop_to_sites(
     :math:`J_n^\top c_{n,k}` is exact for it too. Every site is then handed to the rules
     with the batch first: ``a (B, ...)``, ``g (K, B, ...)``.
 
+    With ``stream=True`` the cotangent columns are pulled back a chunk at a time (as many
+    as :data:`STREAM_BYTES` of site cotangents hold, at least one), and each chunk is
+    yielded before the next is computed: a consumer that sums over the columns (the
+    diagonal) holds one chunk's cotangents, not ``K`` columns'.
+
     Parameters
     ----------
     layers : sequence of (module, rule)
@@ -231,15 +280,14 @@ def backprop_to_sites(
     key : nn.Module, optional
         The model, to remember that it needs copies of the recorded tensors (see
         :func:`curvlib._autodiff.mode_of`).
+    stream : bool, default False
+        Yield the columns in chunks.
 
-    Returns
-    -------
-    f : Tensor
-        The detached output.
-    cot : Tensor
-        The cotangents ``cotangent_fn(f)``.
-    sites : dict
-        Module id to its sites, each with ``g`` set (``(K, B, ...)``).
+    Yields
+    ------
+    (f, cot, sites, columns)
+        The detached output, the cotangents ``cotangent_fn(f)`` (all columns), module id
+        to its sites with ``g`` set to the columns ``columns`` (``(k, B, ...)``).
     """
     # a model found to change a recorded tensor in place (a residual ``out += identity``
     # after a layer) is recorded with copies from the start on later calls
@@ -259,24 +307,44 @@ def backprop_to_sites(
         for s, owner in zip(sites, owners, strict=True):  # nothing reaches the output: zeros
             d = 0 if _plain(s, B, *owner) else SHARED
             shape = (K, B, *s.out.shape) if d == SHARED else (K, *s.out.shape)
-            _batch_first(s, d, s.out.new_zeros(shape), B)
-        return f.detach(), cot, store
+            zeros = s.out.new_zeros(shape)
+            _arrange(s, d, B)
+            _arrange_g(s, zeros)
+        yield f.detach(), cot, store, slice(0, K)
+        return
     layouts = _layouts(f, sites, B, per_column, owners)
+    targets = [s.out for s in sites]  # the outputs in the graph (arranged views are not)
+    for s, d in zip(sites, layouts, strict=True):
+        _arrange(s, d, B)
     shared = [i for i, d in enumerate(layouts) if d == SHARED]
     batched = [i for i, d in enumerate(layouts) if d != SHARED]
-    if batched:
-        grads = _pull(
-            f, [sites[i].out for i in batched], cot.transpose(0, 1), per_column, bool(shared)
-        )
-        for i, g in zip(batched, grads, strict=True):
-            _batch_first(sites[i], layouts[i], g, B)
-    if shared:
-        # column (n, k): data point n's cotangent k alone
-        E = cot.new_zeros((B, K, *cot.shape[:1], *cot.shape[2:]))
-        idx = torch.arange(B, device=cot.device)
-        E[idx, :, idx] = cot
-        grads = _pull(f, [sites[i].out for i in shared], E.flatten(0, 1), per_column, False)
-        for i, g in zip(shared, grads, strict=True):
-            g = g.reshape(B, K, *g.shape[1:]).transpose(0, 1)
-            _batch_first(sites[i], SHARED, g, B)
-    return f.detach(), cot, store
+    column_bytes = sum(
+        targets[i].numel() * targets[i].element_size() * (B if i in shared else 1)
+        for i in range(len(sites))
+    )
+    step = _columns_per_chunk(K, column_bytes, stream)
+    f_out = f.detach()
+    for k0 in range(0, K, step):
+        cols = slice(k0, min(K, k0 + step))
+        last = cols.stop == K
+        c = cot[:, cols]
+        if batched:
+            grads = _pull(
+                f,
+                [targets[i] for i in batched],
+                c.transpose(0, 1),
+                per_column,
+                not last or bool(shared),
+            )
+            for i, g in zip(batched, grads, strict=True):
+                _arrange_g(sites[i], g)
+        if shared:
+            # column (n, k): data point n's cotangent k alone
+            k = c.shape[1]
+            E = c.new_zeros((B, k, *c.shape[:1], *c.shape[2:]))
+            idx = torch.arange(B, device=c.device)
+            E[idx, :, idx] = c
+            grads = _pull(f, [targets[i] for i in shared], E.flatten(0, 1), per_column, not last)
+            for i, g in zip(shared, grads, strict=True):
+                _arrange_g(sites[i], g.reshape(B, k, *g.shape[1:]).transpose(0, 1))
+        yield f_out, cot, store, cols

@@ -2,7 +2,7 @@ r"""Per-layer quantities from the rule table: K-FAC factors, per-sample products
 
 :class:`LayerPass` maps every selected parameter to the module whose rule covers it
 (:func:`coverage`), runs one recorded forward and one backward pass of the cotangents
-(:func:`~curvlib.kfac.capture.backprop_to_sites`), and turns the recorded sites into
+(:func:`~curvlib.kfac.capture.backprop_columns`), and turns the recorded sites into
 
 * :meth:`LayerPass.factors`: one Kron entry per parameter (the rule's factors, see
   :mod:`curvlib.kfac.rules`);
@@ -19,14 +19,14 @@ diagonal ``[h]`` (1-D). A result therefore always covers every selected paramete
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from curvlib._memo import identity_key, memoized
-from curvlib.kfac.capture import backprop_to_sites
+from curvlib.kfac.capture import backprop_columns
 from curvlib.kfac.rules import DENSE_BLOCK_MAX, KFACRule, Site, exact_block_entry, rule_for
 
 __all__ = [
@@ -149,6 +149,7 @@ class LayerPass:
         self.cov = cov if cov is not None else coverage(root, params)
         self.f: Tensor | None = None
         self.cot: Tensor | None = None
+        self.num_columns = 0
         self.sites: dict[int, list[Site]] = {}
         self._generic_V: Tensor | None = None
 
@@ -163,15 +164,30 @@ class LayerPass:
         ``generic(params, cot) -> (B, K, P_g)`` gives the products of the parameters no rule
         covers (required if there are any).
         """
-        self.f, self.cot, self.sites = backprop_to_sites(
-            self.cov.layers, forward, cotangent_fn, key=self.root
-        )
+        ((f, _),) = self.stream(forward, cotangent_fn, generic, stream=False)
+        return f
+
+    def stream(
+        self,
+        forward: Callable[[], Tensor],
+        cotangent_fn: Callable[[Tensor], Tensor],
+        generic: GenericProducts | None = None,
+        stream: bool = True,
+    ) -> Iterator[tuple[Tensor, slice]]:
+        """:meth:`run` one chunk of cotangent columns at a time
+        (:func:`~curvlib.kfac.capture.backprop_columns`): yields ``(f, columns)`` while the
+        pass holds the columns ``columns`` (``cot`` is theirs; ``num_columns`` counts all),
+        so that :meth:`squares` summed over the chunks is the diagonal."""
         idx = self.cov.generic
-        if idx:
-            if generic is None:
-                raise RuntimeError("parameters without a layer rule need generic products")
-            self._generic_V = generic([self.cov.params[i] for i in idx], self.cot)
-        return self.f
+        if idx and generic is None:
+            raise RuntimeError("parameters without a layer rule need generic products")
+        chunks = backprop_columns(self.cov.layers, forward, cotangent_fn, self.root, stream)
+        for f, cot, self.sites, cols in chunks:
+            self.f, self.num_columns = f, cot.shape[1]
+            self.cot = cot if cols.stop - cols.start == cot.shape[1] else cot[:, cols]
+            if idx:
+                self._generic_V = generic([self.cov.params[i] for i in idx], self.cot)
+            yield f, cols
 
     def _by_module(self) -> dict[int, list[str]]:
         names: dict[int, list[str]] = {}
