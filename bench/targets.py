@@ -224,7 +224,13 @@ def evaluate(rows: list[dict], meta: dict, order: str) -> list[dict]:
         add(
             "diag/kron peak ≤ 2× max(activations, result)",
             "not met" if over else "met",
-            f"activations {act:.2f} MiB; {len(over)} of {len(mem)} rows over; worst "
+            f"activations {act:.2f} MiB"
+            + (
+                f" (a gradient's own peak, same measure: {meta['grad_peak_mib']:.1f} MiB)"
+                if meta.get("grad_peak_mib") is not None
+                else ""
+            )
+            + f"; {len(over)} of {len(mem)} rows over; worst "
             f"{worst['library']} {worst['curvature']} {worst['structure']} "
             f"{worst['peak_mib']:.1f} MiB (= {worst['peak_mib'] / limit_w:.1f}× "
             f"max(activations, result {worst.get('result_mib', 0.0):.2f} MiB))",

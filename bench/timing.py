@@ -14,7 +14,7 @@ the row. A machine that gets busier or quieter during the run moves both.
   reset through ``/proc/self/clear_refs``, then ``VmHWM`` after the call minus ``VmRSS``
   before it; CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated before).
   It is measured on the second call of a row (the first may allocate once-only state), on
-  the first where that took more than :data:`SLOW_SECONDS` and with ``--quick``.
+  the first where that took more than :data:`SLOW_SECONDS`.
 * **Allocator.** glibc's malloc serves blocks above its *mmap threshold* (128 KiB at start)
   with fresh pages from the kernel, and raises that threshold each time it frees a larger
   mapped block. So the same call is slower in a fresh process (every large temporary is
@@ -178,8 +178,8 @@ def measure(
     """Time ``call`` against ``grad``: ``(result of the first call, statistics)``.
 
     One warm-up call (stopped by :class:`RowTimeout` after ``limit`` seconds; it gives the
-    result), one call for the peak memory (rows faster than :data:`SLOW_SECONDS`; with
-    ``quick`` the memory of the warm-up call is used), then ``repeats`` interleaved pairs
+    result), one call for the peak memory (rows faster than :data:`SLOW_SECONDS`; slower
+    rows get the memory of the warm-up call), then ``repeats`` interleaved pairs
     ``(t_grad, t_call)``. Without ``quick``, rows faster than 0.1 s get more repeats (up to
     ``cap``) so that their medians are steady; with ``quick``, rows slower than 0.3 s get one.
 
@@ -193,7 +193,7 @@ def measure(
     with clock.limit(limit):
         (result, first), peak = memory.measure(lambda: clock.call(call))
     which = "first"
-    if first <= SLOW_SECONDS and not quick:
+    if first <= SLOW_SECONDS:
         _, peak = memory.measure(call)
         which = "second"
     grad()  # pages given back by malloc_trim are faulted in again outside the timing

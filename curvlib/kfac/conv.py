@@ -137,15 +137,17 @@ class ConvRule(LinearLikeRule):
         B = Bg // g
         out: dict[str, list[Tensor]] = {}
         if "weight" in names:
-            G = torch.zeros(g, o, o, dtype=gk.dtype, device=gk.device)
-            for k in range(K):
-                G += torch.bmm(gk[k], gk[k].transpose(1, 2)).view(B, g, o, o).sum(0)
+            h = gk.reshape(K * Bg, o, S)  # every column and data point in one product
+            G = torch.bmm(h, h.transpose(1, 2)).view(K * B, g, o, o).sum(0)
             A = torch.bmm(U, U.transpose(1, 2)).view(B, g, U.shape[1], -1).sum(0)
             A.div_(N * S)
             out["weight"] = [self._squeeze(G), self._squeeze(A)]
         if "bias" in names:  # one G over all output channels
-            h = gk.reshape(K * B, g * o, S)
-            out["bias"] = [torch.bmm(h, h.transpose(1, 2)).sum(0)]
+            if g == 1 and "weight" in out:
+                out["bias"] = [out["weight"][0].clone()]  # the weight's G
+            else:
+                h = gk.reshape(K * B, g * o, S)
+                out["bias"] = [torch.bmm(h, h.transpose(1, 2)).sum(0)]
         return out
 
     def squares(self, module: nn.Module, sites: list[Site], names: list[str]) -> dict[str, Tensor]:
@@ -157,10 +159,16 @@ class ConvRule(LinearLikeRule):
         out: dict[str, Tensor] = {}
         if "weight" in names:
             Ut = U.transpose(1, 2)  # (B·g, S, r_g), a view: the product reads it transposed
+            r = U.shape[1]
+            # per-sample gradients of a chunk of columns in one batched product: the
+            # columns' cotangents stacked along the output channels (B·g, k·o_g, S)
+            step = max(1, min(K, 2**22 // max(1, Bg * o * max(r, S))))  # 16 MiB in float32
             w = None
-            for k in range(K):  # per-sample gradients of column k: (B·g, o_g, r_g)
-                v = torch.bmm(gk[k], Ut)
-                v = v.mul_(v).view(-1, module.groups, o, U.shape[1]).sum(0)
+            for k0 in range(0, K, step):
+                k = min(K, k0 + step) - k0
+                gg = gk[k0 : k0 + k].permute(1, 0, 2, 3).reshape(Bg, k * o, S)
+                v = torch.bmm(gg, Ut)  # (B·g, k·o_g, r_g)
+                v = v.mul_(v).view(-1, module.groups, k, o, r).sum((0, 2))
                 w = v if w is None else w.add_(v)
             out["weight"] = w.flatten()
         if "bias" in names:

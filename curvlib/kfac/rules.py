@@ -177,6 +177,11 @@ def _gram(p: Tensor, scale: float) -> Tensor:
     return torch.einsum("blgr,blgs->grs", p, p).div_(scale)
 
 
+def _outer(h: Tensor) -> Tensor:
+    """``hᵀh`` of rows ``h (M, o)``."""
+    return h.T @ h
+
+
 def exact_block_entry(n: int) -> tuple[list[tuple[int, ...]], int | None]:
     """The entry of an exact block of ``n`` parameters: dense or diagonal, no ``1/N``."""
     return ([(n,)] if n > DENSE_BLOCK_MAX else [(n, n)]), None
@@ -221,9 +226,12 @@ class LinearLikeRule(KFACRule):
         return t[0] if t.shape[0] == 1 else t
 
     def _G(self, gs: list[Tensor], approx: str) -> Tensor:
+        r""":math:`\sum g g^\top` per group over columns, data points (and locations:
+        ``expand``; their sum first: ``reduce``) of cotangents ``(K, B, L, g, o)``."""
         if approx == "reduce":
-            ghat = _total(g.sum(2) for g in gs)  # (K, B, g, o)
-            return torch.einsum("kbgo,kbgp->gop", ghat, ghat)
+            gs = [_total(g.sum(2) for g in gs).unsqueeze(2)]  # (K, B, 1, g, o)
+        if gs[0].shape[3] == 1:  # one group: one matrix product (einsum is 2-7x slower)
+            return _total(_outer(g.reshape(-1, g.shape[-1])) for g in gs).unsqueeze(0)
         return _total(torch.einsum("kblgo,kblgp->gop", g, g) for g in gs)
 
     def factors(
@@ -276,6 +284,15 @@ class LinearLikeRule(KFACRule):
                 g2 = g[:, :, 0].square().sum(0)  # (B, g, o)
                 eq = "bgo,bgr->gor" if self.layout == "GA" else "bgo,bgr->gro"
                 out["weight"] = torch.einsum(eq, g2, a[:, 0].square()).flatten()
+            elif ng == 1:  # per-sample gradients of one column at a time: batched products
+                a3 = a[:, :, 0]  # (B, L, r)
+                w = None
+                for k in range(K):
+                    gk = g[k, :, :, 0]  # (B, L, o)
+                    v = gk.transpose(1, 2) @ a3 if self.layout == "GA" else a3.transpose(1, 2) @ gk
+                    v = v.mul_(v).sum(0)
+                    w = v if w is None else w.add_(v)
+                out["weight"] = w.flatten()
             else:  # per-sample gradients, a chunk of columns at a time
                 eq = "kblgo,blgr->kbgor" if self.layout == "GA" else "kblgo,blgr->kbgro"
                 step = max(1, 2**25 // max(1, B * ng * o * a.shape[-1]))
