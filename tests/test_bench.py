@@ -90,6 +90,7 @@ def test_cli_bench_errors_are_one_line(argv, message, capsys):
 def bench_pkg(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     import bench.agreement
+    import bench.overhead
     import bench.report
     import bench.run
     import bench.store
@@ -179,3 +180,45 @@ def test_the_package_harness_imports_only_torch_and_curvlib():
         "torch",
         "curvlib",
     }, top
+
+
+def test_overhead_shares_and_the_harness_leaves_the_template_alone(bench_pkg):
+    """The shares of a synthetic row are the hand-computed ones; a real measurement leaves
+    every template method as it was and its shares lie in [0, 1]."""
+    from torch import nn
+
+    from curvlib import AutogradEF
+    from curvlib._call import Call
+    from curvlib._checks import CapabilityChecks
+    from curvlib.interface import CurvatureInterface
+
+    ov = bench_pkg.overhead
+    row = {"workload": "w", "backend": "b", "curvature": "ef", "structure": "diag",
+           "before": 0.1, "run": 0.8, "hook": 0.6, "output": 0.05, "finish": 0.05,
+           "call_ms": 4.0, "grad_ms": 2.0}  # fmt: skip
+    line = ov.markdown([row]).splitlines()[-1]
+    # checks 10 %, hygiene 80 - 60 = 20 %, output 5 %, finish 5 %; total 1 - 0.6 + 0.05
+    assert line == "| w | b | ef diag | 4.00 | 2.00 | 10 % | 20 % | 5 % | 5 % | 45 % | 1.10 |"
+
+    before = [
+        CurvatureInterface.__dict__["_begin"],
+        CurvatureInterface.__dict__["_run"],
+        Call.__dict__["check_output"],
+        CapabilityChecks.__dict__["_finish"],
+    ]
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    curv = AutogradEF(model, "classification")
+    hook_owner = next(k for k in type(curv).__mro__ if "_diag" in k.__dict__)
+    hook = hook_owner.__dict__["_diag"]
+    r = ov.measure_steps(curv, "diag", x, y, lambda: None, repeats=3)
+    after = [
+        CurvatureInterface.__dict__["_begin"],
+        CurvatureInterface.__dict__["_run"],
+        Call.__dict__["check_output"],
+        CapabilityChecks.__dict__["_finish"],
+    ]
+    assert after == before and hook_owner.__dict__["_diag"] is hook
+    for k in ("before", "run", "hook", "output", "finish"):
+        assert 0.0 < r[k] <= 1.0, (k, r[k])
+    assert r["hook"] < r["run"]  # the hook runs inside the hygiene context
