@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from curvlib import _memory
 from curvlib._call import Call
+from curvlib._selection import is_leaf, own_params
 from curvlib.capabilities import STRUCTURES, Capability, Problem, row
 from curvlib.errors import (
     CapabilityError,
@@ -41,7 +42,7 @@ __all__ = [
 def _owners(root: nn.Module, selected: set[int]) -> dict[int, list[tuple[str, nn.Module]]]:
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, mod in root.named_modules(remove_duplicate=False):
-        for _, p in mod.named_parameters(recurse=False):
+        for _, p in own_params(mod):
             if id(p) in selected:
                 owners.setdefault(id(p), []).append((path, mod))
     return owners
@@ -79,8 +80,8 @@ def static_problems(
                 )
                 break
     for path, mod in root.named_modules():
-        owns = any(id(p) in selected for p in mod.parameters(recurse=False))
-        leaf = not list(mod.children())
+        owns = any(id(p) in selected for _, p in own_params(mod))
+        leaf = is_leaf(mod)
         relevant = owns or (cap.leaves and leaf)
         if not relevant:
             continue
@@ -139,8 +140,7 @@ def dynamic_problems(
     mods = [
         (path, m)
         for path, m in root.named_modules()
-        if (cap.leaves and not list(m.children()))
-        or any(id(p) in selected for p in m.parameters(recurse=False))
+        if (cap.leaves and is_leaf(m)) or any(id(p) in selected for _, p in own_params(m))
     ]
     for path, m in mods:
         n = len(records.calls.get(id(m), []))
@@ -155,7 +155,7 @@ def dynamic_problems(
             ]
     if not cap.chain:
         return []
-    leaves = [(path, m) for path, m in mods if not list(m.children())]
+    leaves = [(path, m) for path, m in mods if is_leaf(m)]
     names = {id(m): (path, m) for path, m in leaves}
     producers: dict[tuple, list[tuple[int, int]]] = {}
     for mid, calls in records.calls.items():
@@ -407,6 +407,6 @@ def _layer_blocks(root: nn.Module, params: list[Tensor]) -> int:
     sel = {id(p) for p in params}
     total = 0
     for m in root.modules():
-        n = sum(p.numel() for p in m.parameters(recurse=False) if id(p) in sel)
+        n = sum(p.numel() for _, p in own_params(m) if id(p) in sel)
         total += n * n
     return total

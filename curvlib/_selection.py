@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from curvlib.errors import InputError
 
-__all__ = ["differentiated_module", "selected_params", "check_params", "subnetwork"]
+__all__ = [
+    "differentiated_module",
+    "selected_params",
+    "check_params",
+    "subnetwork",
+    "own_params",
+    "is_leaf",
+]
 
 # Modules whose training-mode forward couples samples or draws random numbers.
 _TRAIN_MODE_MODULES = (
@@ -23,6 +30,17 @@ _TRAIN_MODE_MODULES = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+
+
+def own_params(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """``module.named_parameters(recurse=False)`` without its generator machinery (the checks
+    walk every module on every call)."""
+    return [(n, p) for n, p in module._parameters.items() if p is not None]
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """``not list(module.children())``."""
+    return all(m is None for m in module._modules.values())
 
 
 def differentiated_module(model: nn.Module, last_layer: bool) -> nn.Module:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib._memo import identity_key, memoized
+from curvlib._selection import own_params
 from curvlib.kfac.capture import backprop_columns
 from curvlib.kfac.rules import DENSE_BLOCK_MAX, KFACRule, Site, exact_block_entry, rule_for
 
@@ -98,7 +99,7 @@ def _coverage(root: nn.Module, params: Sequence[Tensor]) -> Coverage:
     claims: dict[int, list[Claim]] = {}
     owners: dict[int, list[nn.Module]] = {}
     for _, mod in root.named_modules(remove_duplicate=False):
-        for _, p in mod.named_parameters(recurse=False):
+        for _, p in own_params(mod):
             if id(p) in sel:
                 owners.setdefault(id(p), []).append(mod)
     for path, mod in root.named_modules():

@@ -37,6 +37,7 @@ example.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class KFACRule:
 
     def params(self, module: nn.Module) -> dict[str, Tensor]:
         """The parameters covered, by name relative to ``module``."""
-        return {n: p for n, p in module.named_parameters(recurse=False) if n in self.names}
+        return {n: p for n, p in module._parameters.items() if p is not None and n in self.names}
 
     def problem(self, module: nn.Module) -> str:
         """Why the rule cannot handle ``module`` (empty if it can)."""
@@ -209,15 +210,15 @@ class LinearLikeRule(KFACRule):
         return self.grads(module, site)
 
     def entry(self, module: nn.Module, name: str) -> tuple[list[tuple[int, ...]], int | None]:
-        p = dict(self.params(module))[name]
+        p = self.params(module)[name]
         g = getattr(module, "groups", 1)
         if name != "weight":  # a bias: [G] over all its outputs (also with groups)
             return [(p.numel(), p.numel())], None
         if self.layout == "GA":
-            o, r = p.shape[0] // g, p[0].numel()
+            o, r = p.shape[0] // g, math.prod(p.shape[1:])
             shapes, a = [(o, o), (r, r)], 1
         else:
-            r, o = p.shape[0] // g, p[0].numel()
+            r, o = p.shape[0] // g, math.prod(p.shape[1:])
             shapes, a = [(r, r), (o, o)], 0
         return (shapes if g == 1 else [(g, *s) for s in shapes]), a
 
