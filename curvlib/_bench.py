@@ -148,6 +148,7 @@ def run(
     out: str | Path | None = None,
     tiny: bool = False,
     progress: Callable[[dict], None] | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Time every backend × row of :data:`ROWS` on each workload; one dict per row.
 
@@ -169,6 +170,10 @@ def run(
         Very small workloads (for tests).
     progress : callable, optional
         Called with each row as soon as it is measured.
+    resume : bool
+        Keep the rows an earlier (interrupted) run wrote to ``out`` and measure only the
+        others (the autograd reference of a kept row is computed again, untimed, for the
+        agreement of the rows measured now).
 
     Returns
     -------
@@ -187,9 +192,12 @@ def run(
     for b in backends:
         if b not in known:
             raise ValueError(f"unknown backend {b!r}; known backends: {known}")
+    if resume and out is None:
+        raise ValueError("resume needs out (the .json file of the earlier run)")
+    rows: list[dict] = _earlier(Path(out)) if resume else []
+    done = {_key(r) for r in rows}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rows: list[dict] = []
 
     def emit(row: dict) -> None:
         rows.append(row)
@@ -201,7 +209,7 @@ def run(
     now = time.thread_time if threads == 1 else time.perf_counter
     try:
         for name in names:
-            _workload_rows(name, backends, tiny, repeats, now, emit)
+            _workload_rows(name, backends, tiny, repeats, now, emit, done)
     finally:
         torch.set_num_threads(old_threads)
     return rows
@@ -214,6 +222,7 @@ def _workload_rows(
     repeats: int,
     now: Callable[[], float],
     emit: Callable[[dict], None],
+    done: set[tuple[str, ...]] = frozenset(),
 ) -> None:
     desc, model, x, y = build(name, tiny)
     base, lossf = copy.deepcopy(model), nn.CrossEntropyLoss(reduction="sum")
@@ -227,6 +236,10 @@ def _workload_rows(
         for curv, structure in ROWS:
             row: dict[str, Any] = {"workload": name, "description": desc, "backend": backend}
             row.update(curvature=curv, structure=structure)
+            if _key(row) in done:  # measured by the run that is resumed
+                if backend == "autograd":
+                    refs[(curv, structure)] = _reference(model, curv, structure, x, y)
+                continue
             if (backend, curv) in SKIP:
                 row["status"] = SKIP[(backend, curv)]
                 emit(row)
@@ -251,6 +264,35 @@ def _workload_rows(
             except Exception as err:  # noqa: BLE001 - a failure is a row, not a crash
                 row["status"] = f"error: {type(err).__name__}: {str(err)[:160]}"
             emit(row)
+
+
+def _key(row: dict) -> tuple[str, ...]:
+    return (row["workload"], row["backend"], row["curvature"], row["structure"])
+
+
+def _earlier(path: Path) -> list[dict]:
+    """The rows of an earlier run's file (none if there is no file)."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot resume from {str(path)!r}: not a results file ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "status" in r for r in rows):
+        raise ValueError(f"cannot resume from {str(path)!r}: not a list of benchmark rows")
+    return rows
+
+
+def _reference(
+    model: nn.Module, curv: str, structure: str, x: torch.Tensor, y: torch.Tensor
+) -> Any:
+    """The autograd backend's result of a row (untimed), as the timed row computes it."""
+    kw: dict[str, Any] = {"N": len(y)} if structure == "kron" else {}
+    if curv == "fisher":
+        kw["generator"] = torch.Generator().manual_seed(0)
+    return getattr(backend_class("autograd", curv)(model, "classification"), structure)(x, y, **kw)[
+        1
+    ]
 
 
 HEADER = "| backend | curvature | structure | ms | × grad | rel. err vs autograd |"
@@ -284,5 +326,8 @@ def main(args: argparse.Namespace) -> int:
 
     opts = {"repeats": args.repeats, "backends": args.backends, "threads": args.threads}
     progress_fn = None if args.quiet else progress
-    print(format_table(run(args.workloads, args.quick, **opts, out=args.out, progress=progress_fn)))
+    rows = run(
+        args.workloads, args.quick, **opts, out=args.out, progress=progress_fn, resume=args.resume
+    )
+    print(format_table(rows))
     return 0

@@ -323,6 +323,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=None, help="also write the rows to this .json file")
     p.add_argument("--quiet", action="store_true", help="no per-row progress on stderr")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows an interrupted run wrote to --out and measure the rest",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

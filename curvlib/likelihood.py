@@ -303,7 +303,7 @@ class Classification(Likelihood):
         if y.numel() and not y.is_meta:
             valid = y[y != self.ignore_index] if f.ndim > 2 else y
             if valid.numel():
-                lo, hi = int(valid.min()), int(valid.max())
+                lo, hi = (int(v) for v in torch.aminmax(valid))
                 if lo < 0 or hi >= C:
                     extra = f" or ignore_index {self.ignore_index}" if f.ndim > 2 else ""
                     raise TargetError(

@@ -222,3 +222,27 @@ def test_overhead_shares_and_the_harness_leaves_the_template_alone(bench_pkg):
     for k in ("before", "run", "hook", "output", "finish"):
         assert 0.0 < r[k] <= 1.0, (k, r[k])
     assert r["hook"] < r["run"]  # the hook runs inside the hygiene context
+
+
+def test_small_harness_resumes_an_interrupted_run(tmp_path, capsys):
+    """A run cut after three rows, resumed, keeps those rows as they were and measures the
+    others, with their agreement against the (recomputed) autograd reference."""
+    out = tmp_path / "rows.json"
+    full = _bench.run(["mlp"], repeats=1, tiny=True, out=out, backends=["autograd", "backpack"])
+    kept = full[:3]
+    out.write_text(json.dumps(kept))
+    resumed = _bench.run(
+        ["mlp"], repeats=1, tiny=True, out=out, backends=["autograd", "backpack"], resume=True
+    )
+    assert resumed[:3] == kept
+    key = ("workload", "backend", "curvature", "structure")
+    assert [tuple(r[k] for k in key) for r in resumed] == [tuple(r[k] for k in key) for r in full]
+    assert json.loads(out.read_text()) == resumed
+    for r in resumed[3:]:
+        if r["status"] == "ok":
+            assert r["rel_err"] < 1e-5, r  # compared with the reference of a kept row too
+    with pytest.raises(ValueError, match="resume needs out"):
+        _bench.run(["mlp"], tiny=True, resume=True)
+    out.write_text("{not json")
+    assert main(["bench", "--quick", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
