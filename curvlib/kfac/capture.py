@@ -137,6 +137,8 @@ def _plain(
         if len(s) < 1 or s[0] != B:
             return False
         feat = rule.batch_free_dims(module, len(s)) if rule is not None else set()
+        if 0 in feat:  # dimension 0 is a feature dimension (an unbatched input)
+            return False
         return B == 1 or all(n != B for i, n in enumerate(s) if i and i not in feat)
 
     return all(plain(s) for s in _shapes(site))
@@ -183,15 +185,25 @@ def _layouts(
     return layouts
 
 
-def _arrange(site: Site, d: int, B: int) -> None:
+def _arrange(
+    site: Site, d: int, B: int, module: nn.Module | None = None, rule: KFACRule | None = None
+) -> None:
     """Put the batch dimension of ``site.a`` and ``site.out`` first (``(B, ...)``); a
-    :data:`SHARED` site gets one copy per data point. The layout is kept in ``site.info``
-    for :func:`_arrange_g`."""
+    :data:`SHARED` site gets one copy per data point (a leading dimension of size 1 is
+    taken for the broadcast batch unless the rule says dimension 0 is a feature dimension,
+    as for an unbatched convolution). The layout is kept in ``site.info`` for
+    :func:`_arrange_g`."""
+
+    def lead_of(t: Tensor) -> bool:
+        if t.ndim == 0 or t.shape[0] != 1:
+            return False
+        return rule is None or 0 not in rule.batch_free_dims(module, t.ndim)
+
     lead = False
     if d == SHARED:
-        lead = site.out.ndim > 0 and site.out.shape[0] == 1
+        lead = lead_of(site.out)
         if isinstance(site.a, Tensor):
-            lead = lead and site.a.ndim > 0 and site.a.shape[0] == 1
+            lead = lead and lead_of(site.a)
             a = site.a if lead else site.a.unsqueeze(0)
             site.a = a.expand(B, *a.shape[1:])
         out = site.out if lead else site.out.unsqueeze(0)
@@ -308,14 +320,14 @@ def backprop_columns(
             d = 0 if _plain(s, B, *owner) else SHARED
             shape = (K, B, *s.out.shape) if d == SHARED else (K, *s.out.shape)
             zeros = s.out.new_zeros(shape)
-            _arrange(s, d, B)
+            _arrange(s, d, B, *owner)
             _arrange_g(s, zeros)
         yield f.detach(), cot, store, slice(0, K)
         return
     layouts = _layouts(f, sites, B, per_column, owners)
     targets = [s.out for s in sites]  # the outputs in the graph (arranged views are not)
-    for s, d in zip(sites, layouts, strict=True):
-        _arrange(s, d, B)
+    for s, d, owner in zip(sites, layouts, owners, strict=True):
+        _arrange(s, d, B, *owner)
     shared = [i for i, d in enumerate(layouts) if d == SHARED]
     batched = [i for i, d in enumerate(layouts) if d != SHARED]
     column_bytes = sum(

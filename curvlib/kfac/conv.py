@@ -109,10 +109,10 @@ def _native(module: nn.Module, site: Site) -> tuple[Tensor, Tensor] | None:
 def _batch_free(module: nn.Module, ndim: int) -> set[int]:
     """A convolution's batched tensors ``(B, C, *spatial)``: every dimension but the first
     (the convolution keeps the rows of dimension 0 apart); unbatched ``(C, *spatial)``: the
-    channels."""
+    channels, dimension 0."""
     if ndim == len(module.kernel_size) + 2:
         return set(range(1, ndim))
-    return {1}
+    return {0}
 
 
 class ConvRule(LinearLikeRule):

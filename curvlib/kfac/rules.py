@@ -449,8 +449,8 @@ class NormRule(ExactBlockRule):
         if isinstance(module, nn.LayerNorm):
             return set(range(max(0, ndim - len(module.normalized_shape)), ndim))
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-            if ndim == module._get_no_batch_dim():  # unbatched (C, *)
-                return set()
+            if ndim == module._get_no_batch_dim():  # unbatched (C, *): dimension 0 is C
+                return {0}
         return set(range(1, ndim))
 
     def problem(self, module: nn.Module) -> str:
