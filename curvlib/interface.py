@@ -547,17 +547,20 @@ class CurvatureInterface(CapabilityChecks, HygieneSteps):
         raise self._unsupported("diag")
 
     def _kron(self, call: Call):
-        """K-FAC from the rule table (:mod:`curvlib.kfac`), every parameter covered."""
+        """K-FAC from the rule table (:mod:`curvlib.kfac`), every parameter covered
+        (:meth:`~curvlib.kfac.LayerPass.kron`: the cotangent columns streamed)."""
         from curvlib.kfac import LayerPass
         from curvlib.kron import Kron
 
         lp = LayerPass(self._model, self.params)
-        f = lp.run(
+        f, factors = lp.kron(
             lambda: call.forward(),
             lambda f: call.cotangents(f),
             self._generic_products_for(call.inp),
+            call.N,
+            call.kfac_approx,
         )
-        return call.loss(f), Kron(lp.factors(call.N, call.kfac_approx))
+        return call.loss(f), Kron(factors)
 
     def _ekfac(self, call: Call):
         """The backend's K-FAC for the eigenbases, curvlib's per-layer products for ``s``."""

@@ -190,6 +190,32 @@ class LayerPass:
                 self._generic_V = generic([self.cov.params[i] for i in idx], self.cot)
             yield f, cols
 
+    def kron(
+        self,
+        forward: Callable[[], Tensor],
+        cotangent_fn: Callable[[Tensor], Tensor],
+        generic: GenericProducts | None,
+        N: int,
+        approx: str,
+    ) -> tuple[Tensor, list[list[Tensor]]]:
+        """``(f, factors)``: :meth:`run` and :meth:`factors`, with the cotangent columns
+        streamed (:meth:`stream`) where every rule's factors add up over chunks of columns
+        (:attr:`~curvlib.kfac.rules.KFACRule.columns_additive`): per entry, every factor but
+        the one divided by ``N`` is summed over the chunks; that one is the first chunk's."""
+        stream = all(rule.columns_additive for _, rule in self.cov.layers)
+        specs = entry_specs(self.root, self.cov.params)
+        factors: list[list[Tensor]] | None = None
+        for _ in self.stream(forward, cotangent_fn, generic, stream):
+            part = self.factors(N, approx)
+            if factors is None:
+                factors = part
+                continue
+            for entry, new, (_, a) in zip(factors, part, specs, strict=True):
+                for j, t in enumerate(new):
+                    if j != a:
+                        entry[j] += t
+        return self.f, factors
+
     def _by_module(self) -> dict[int, list[str]]:
         names: dict[int, list[str]] = {}
         for c in self.cov.claims:

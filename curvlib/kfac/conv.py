@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from curvlib.kfac.rules import LinearLikeRule, Site, register_kfac_rule
+from curvlib.kfac.rules import LinearLikeRule, Site, column_free, register_kfac_rule
 
 __all__ = ["ConvRule", "ConvTransposeRule", "unfold"]
 
@@ -87,23 +87,42 @@ def _patches(
     return x.reshape(B, C * math.prod(kernel), S)
 
 
-def _native(module: nn.Module, site: Site) -> tuple[Tensor, Tensor] | None:
+def _native(
+    module: nn.Module, site: Site, patches: bool = True
+) -> tuple[Tensor | None, Tensor] | None:
     """``(U (B·g, r_g, S), g (K, B·g, o_g, S))`` in the layouts torch computes them in (no
     transposed copies of the cotangents) for a convolution on a batched input; ``None``
-    otherwise (the general path applies)."""
+    otherwise (the general path applies). ``patches=False``: ``U`` is not computed
+    (``None``)."""
     m, a, gr = module, site.a, site.g
     if not isinstance(m, nn.modules.conv._ConvNd) or m.transposed or not isinstance(a, Tensor):
         return None
     nd = len(m.kernel_size)
     if a.ndim != nd + 2 or gr is None or gr.ndim != nd + 3:
         return None
-    pads = _conv_padding(m.kernel_size, m.dilation, m.padding)
-    U = _patches(a, m.kernel_size, m.stride, pads, m.dilation, m.padding_mode)  # (B, r, S)
     K, B, out = gr.shape[:3]
-    g, S = m.groups, U.shape[-1]
-    if math.prod(gr.shape[3:]) != S:
+    S = math.prod(gr.shape[3:])
+    if S != math.prod(_out_shape(m, a.shape[2:])):
         return None
-    return U.reshape(B * g, -1, S), gr.reshape(K, B * g, out // g, S)
+    g = m.groups
+    U = None
+    if patches:
+        pads = _conv_padding(m.kernel_size, m.dilation, m.padding)
+        U = _patches(a, m.kernel_size, m.stride, pads, m.dilation, m.padding_mode)  # (B, r, S)
+        U = U.reshape(B * g, -1, S)
+    return U, gr.reshape(K, B * g, out // g, S)
+
+
+def _out_shape(m: nn.Module, spatial: Any) -> list[int]:
+    """The output's spatial shape of convolution ``m`` on an input of spatial shape
+    ``spatial``."""
+    pads = _conv_padding(m.kernel_size, m.dilation, m.padding)
+    return [
+        (n + lo + hi - d * (k - 1) - 1) // st + 1
+        for n, (lo, hi), k, d, st in zip(
+            spatial, pads, m.kernel_size, m.dilation, m.stride, strict=True
+        )
+    ]
 
 
 def _batch_free(module: nn.Module, ndim: int) -> set[int]:
@@ -128,10 +147,10 @@ class ConvRule(LinearLikeRule):
     def factors(
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]
     ) -> dict[str, list[Tensor]]:
-        nat = _native(module, sites[0]) if len(sites) == 1 and approx == "expand" else None
+        nat = _native(module, sites[0], False) if len(sites) == 1 and approx == "expand" else None
         if nat is None:
             return super().factors(module, sites, N, approx, names)
-        U, gk = nat
+        _, gk = nat
         K, Bg, o, S = gk.shape
         g = module.groups
         B = Bg // g
@@ -139,8 +158,13 @@ class ConvRule(LinearLikeRule):
         if "weight" in names:
             h = gk.reshape(K * Bg, o, S)  # every column and data point in one product
             G = torch.bmm(h, h.transpose(1, 2)).view(K * B, g, o, o).sum(0)
-            A = torch.bmm(U, U.transpose(1, 2)).view(B, g, U.shape[1], -1).sum(0)
-            A.div_(N * S)
+
+            def A_factor() -> Tensor:
+                U = _native(module, sites[0])[0]
+                A = torch.bmm(U, U.transpose(1, 2)).view(B, g, U.shape[1], -1).sum(0)
+                return A.div_(N * S)
+
+            A = column_free(sites, ("A", N, approx), A_factor)
             out["weight"] = [self._squeeze(G), self._squeeze(A)]
         if "bias" in names:  # one G over all output channels
             if g == 1 and "weight" in out:

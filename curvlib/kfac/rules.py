@@ -61,6 +61,7 @@ __all__ = [
     "rule_for",
     "kfac_rules",
     "exact_block_entry",
+    "column_free",
 ]
 
 #: Parameter tensors with at most this many entries get a dense exact block; larger ones
@@ -104,6 +105,10 @@ class KFACRule:
 
     #: names of the module's own parameters the rule covers
     names: tuple[str, ...] = ("weight", "bias")
+    #: every factor of an entry but the one divided by ``N`` (see :meth:`entry`) is a sum
+    #: over the cotangent columns, and that one does not depend on them: the K-FAC of
+    #: chunks of columns adds up (the autograd backend then streams the columns)
+    columns_additive: bool = False
 
     def params(self, module: nn.Module) -> dict[str, Tensor]:
         """The parameters covered, by name relative to ``module``."""
@@ -196,6 +201,7 @@ class LinearLikeRule(KFACRule):
     """
 
     layout: str = "GA"
+    columns_additive = True
 
     def patches(self, module: nn.Module, site: Site) -> Tensor:
         """Layer inputs ``(B, L, g, r)`` in the order of the stored weight's ``r`` index."""
@@ -242,15 +248,17 @@ class LinearLikeRule(KFACRule):
         G = None
         if "weight" in names:
             gs = [self.grads(module, s) for s in sites]
-            ps = [self.patches(module, s) for s in sites]
             G = self._G(gs, approx)
-            L = sum(p.shape[1] for p in ps)
-            if approx == "reduce":
-                abar = _total(p.sum(1) for p in ps).div_(L)  # (B, g, r)
-                A = torch.einsum("bgr,bgs->grs", abar, abar).div_(N)
-            else:
-                A = _total(_gram(p, N * L) for p in ps)
-            G, A = self._squeeze(G), self._squeeze(A)
+
+            def A_factor() -> Tensor:
+                ps = [self.patches(module, s) for s in sites]
+                L = sum(p.shape[1] for p in ps)
+                if approx == "reduce":
+                    abar = _total(p.sum(1) for p in ps).div_(L)  # (B, g, r)
+                    return torch.einsum("bgr,bgs->grs", abar, abar).div_(N)
+                return _total(_gram(p, N * L) for p in ps)
+
+            G, A = self._squeeze(G), self._squeeze(column_free(sites, ("A", N, approx), A_factor))
             out["weight"] = [G, A] if self.layout == "GA" else [A, G]
         if "bias" in names:  # one G over all output channels, also with groups
             if G is not None and G.ndim == 2 and type(self).bias_grads is LinearLikeRule.bias_grads:
@@ -346,6 +354,17 @@ class HFConv1DRule(LinearRule):
     layout = "AG"
 
 
+def column_free(sites: list[Site], key: Any, compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()`` once per pass for a factor that does not depend on the cotangent
+    columns (kept in the first site's ``info``, keyed by ``key`` and the sites), so that
+    streamed chunks of columns (:attr:`KFACRule.columns_additive`) reuse it."""
+    memo = sites[0].info.setdefault("column_free", {})
+    k = (key, tuple(map(id, sites)))
+    if k not in memo:
+        memo[k] = compute()
+    return memo[k]
+
+
 class EmbeddingRule(KFACRule):
     r"""``nn.Embedding``: a Linear map of one-hot inputs; ``A`` is diagonal from token counts.
 
@@ -357,6 +376,7 @@ class EmbeddingRule(KFACRule):
     """
 
     names = ("weight",)
+    columns_additive = True
 
     def problem(self, module: nn.Module) -> str:
         if module.max_norm is not None:
@@ -423,6 +443,8 @@ class EmbeddingRule(KFACRule):
 class ExactBlockRule(KFACRule):
     """The exact curvature block of each parameter tensor (dense, or diagonal above
     :data:`DENSE_BLOCK_MAX` entries), from the per-sample products."""
+
+    columns_additive = True
 
     def factors(
         self, module: nn.Module, sites: list[Site], N: int, approx: str, names: list[str]

@@ -50,3 +50,37 @@ def test_mc_kron_reproducible_and_unbiased():
     assert not torch.equal(K1.kfacs[0][0], K3.kfacs[0][0])
     H = ref.ggn(model, x, y, "classification")
     assert 1e-6 < ref.rel_err(torch.kron(*K1.kfacs[0]), H[:12, :12]) < 0.03
+
+
+def _streaming_cases() -> list[str]:
+    import zoo
+
+    return [c.name for c in zoo.ZOO if not c.slow and c.available()]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", _streaming_cases())
+def test_kron_and_diag_streamed_one_column_at_a_time_are_the_whole(name, approx, monkeypatch):
+    """The exact K-FAC computed one cotangent column at a time (every factor but the one
+    divided by N summed over the chunks) is the K-FAC of all columns at once, and so is the
+    diagonal."""
+    import zoo
+
+    import curvlib.kfac.capture as capture
+    from curvlib.errors import CurvlibError
+
+    case = zoo.get(name)
+    model, x, y = case.make()
+    curv = AutogradGGN(model, case.likelihood)
+    try:
+        _, whole = curv.kron(x, y, kfac_approx=approx)
+    except CurvlibError as err:  # e.g. reduce on a layer without weight sharing's rule
+        pytest.skip(f"refused: {str(err)[:80]}")
+    _, d_whole = curv.diag(x, y)
+    monkeypatch.setattr(capture, "STREAM_BYTES", 1)
+    _, streamed = curv.kron(x, y, kfac_approx=approx)
+    _, d_streamed = curv.diag(x, y)
+    for f1, f2 in zip(whole.kfacs, streamed.kfacs, strict=True):
+        for a, b in zip(f1, f2, strict=True):
+            assert ref.rel_err(b, a) < TOL
+    assert ref.rel_err(d_streamed, d_whole) < TOL
