@@ -159,7 +159,8 @@ class Call:
         if y is not None:
             lik.check_target(f, y)
             loss = lik.loss(f.detach(), y)
-            self._checked_loss = (f, y, loss)  # what :meth:`loss` reports for this output
+            # what :meth:`loss` reports for this output (detached: the graph is not kept)
+            self._checked_loss = (f.detach(), y, loss)
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteError(
                     f"the loss is {float(loss)} although inputs and outputs are finite: the "
