@@ -144,10 +144,16 @@ class CurvatureOperator:
     def _checked(self, x: Any, y: Tensor | None):
         """Validate one batch (the template's checks and one forward pass); its call."""
         check_generator(self.generator, batch_size(x, self.curv.dict_key_x))
+        return self._call_of(x, y, forward=True)
+
+    def _call_of(self, x: Any, y: Tensor | None, forward: bool):
+        """The template's checks of one batch, its input features and, with ``forward``,
+        the output checks of one forward pass (no graph)."""
         call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
         with self.curv._hygiene(call):
             call.inp = self.curv._features(call)
-            call.forward(grad=False)
+            if forward:
+                call.forward(grad=False)
         return call
 
     def _batches(self) -> Iterator[Any]:
@@ -173,13 +179,7 @@ class CurvatureOperator:
 
             it = tqdm(it, desc="checking the data" if check else "curvature product", leave=False)
         for batch in it:
-            x, y = split_batch(batch)
-            call = self.curv._begin("operator", self._to_device(x), self._to_device(y))
-            with self.curv._hygiene(call):
-                call.inp = self.curv._features(call)
-                if check:
-                    call.forward(grad=False)
-            yield call
+            yield self._call_of(*split_batch(batch), forward=check)
 
     def _draw(self, generator: torch.Generator | None) -> list[tuple[Tensor, Tensor]]:
         """MC cotangents of every batch, drawn once (with the batch's targets, to check

@@ -1,11 +1,12 @@
 r"""Recording layer inputs and pulling cotangents back to layer outputs (hooks, no ``.grad``).
 
-:func:`backprop_to_sites` runs one forward pass with the rules' hooks (always removed, also
+:func:`backprop_columns` runs one forward pass with the rules' hooks (always removed, also
 when the forward pass raises) and one backward pass of the cotangent columns
-:math:`c_{n,k}` to the output of every recorded :class:`~curvlib.kfac.rules.Site`, with
-``torch.autograd.grad``: the user's ``.grad`` is never touched. If an in-place operation
-later in the forward pass (``ReLU(inplace=True)``, ``x += ...``) changed a recorded input or
-output, the forward pass is run once more with protected copies.
+:math:`c_{n,k}` (or one per chunk of columns, streamed) to the output of every recorded
+:class:`~curvlib.kfac.rules.Site`, with ``torch.autograd.grad``: the user's ``.grad`` is
+never touched. If an in-place operation later in the forward pass (``ReLU(inplace=True)``,
+``x += ...``) changed a recorded input or output, the forward pass is run once more with
+protected copies.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from curvlib import _autodiff
 from curvlib.kfac.rules import KFACRule, Site
 
-__all__ = ["capture", "backprop_to_sites", "backprop_columns", "STREAM_BYTES"]
+__all__ = ["capture", "backprop_columns", "STREAM_BYTES"]
 
 
 def _version(t: Any) -> int:
@@ -166,7 +167,7 @@ def _layouts(
     per_column: bool,
     owners: list[tuple[nn.Module, KFACRule]],
 ) -> list[int]:
-    """Per site its batch dimension, or :data:`SHARED` (see :func:`backprop_to_sites`)."""
+    """Per site its batch dimension, or :data:`SHARED` (see :func:`backprop_columns`)."""
     layouts = [0] * len(sites)
     probe = [i for i, s in enumerate(sites) if not _plain(s, B, *owners[i])]
     if not probe:
@@ -235,28 +236,6 @@ def _columns_per_chunk(K: int, column_bytes: int, stream: bool) -> int:
     if not stream:
         return K
     return max(1, min(K, STREAM_BYTES // max(1, column_bytes)))
-
-
-def backprop_to_sites(
-    layers: Sequence[tuple[nn.Module, KFACRule]],
-    forward: Callable[[], Tensor],
-    cotangent_fn: Callable[[Tensor], Tensor],
-    key: nn.Module | None = None,
-) -> tuple[Tensor, Tensor, dict[int, list[Site]]]:
-    """Forward with the layers recorded, then pull all cotangent columns back to every site
-    (see :func:`backprop_columns`).
-
-    Returns
-    -------
-    f : Tensor
-        The detached output.
-    cot : Tensor
-        The cotangents ``cotangent_fn(f)``.
-    sites : dict
-        Module id to its sites, each with ``g`` set (``(K, B, ...)``).
-    """
-    ((f, cot, store, _),) = backprop_columns(layers, forward, cotangent_fn, key)  # one chunk
-    return f, cot, store
 
 
 def backprop_columns(
@@ -331,8 +310,8 @@ def backprop_columns(
     shared = [i for i, d in enumerate(layouts) if d == SHARED]
     batched = [i for i, d in enumerate(layouts) if d != SHARED]
     column_bytes = sum(
-        targets[i].numel() * targets[i].element_size() * (B if i in shared else 1)
-        for i in range(len(sites))
+        t.numel() * t.element_size() * (B if d == SHARED else 1)
+        for t, d in zip(targets, layouts, strict=True)
     )
     step = _columns_per_chunk(K, column_bytes, stream)
     f_out = f.detach()

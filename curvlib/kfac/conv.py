@@ -34,6 +34,26 @@ def _conv_padding(
     return [(p, p) for p in padding]
 
 
+def _windows(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: Any,
+    dilation: tuple[int, ...],
+    padding_mode: str,
+) -> Tensor:
+    """The convolution's windows of ``x (B, C, *spatial)`` as a strided view of the padded
+    input: ``(B, C, *out_spatial, *kernel)`` (no copy but the padding)."""
+    pads = _conv_padding(kernel, dilation, padding)
+    flat = [v for pair in reversed(pads) for v in pair]
+    if any(flat):
+        x = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
+    for i in range(len(kernel)):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    return x
+
+
 def unfold(
     x: Tensor,
     kernel: tuple[int, ...],
@@ -48,43 +68,24 @@ def unfold(
     ``weight[o]`` (channel, then kernel positions); ``L`` counts the output locations.
     """
     nd = len(kernel)
-    pads = _conv_padding(kernel, dilation, padding)
-    flat = [v for pair in reversed(pads) for v in pair]
-    if any(flat):
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        x = F.pad(x, flat, mode=mode)
-    for i in range(nd):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    x = _windows(x, kernel, stride, padding, dilation, padding_mode)
     B, C = x.shape[:2]
     x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
     L = math.prod(x.shape[1 : 1 + nd])
     return x.reshape(B, L, C * math.prod(kernel))
 
 
-def _patches(
-    x: Tensor,
-    kernel: tuple[int, ...],
-    stride: tuple[int, ...],
-    pads: list[tuple[int, int]],
-    dilation: tuple[int, ...],
-    padding_mode: str,
-) -> Tensor:
-    """``(B, C·prod(kernel), S)``: the layout of ``F.unfold``, for any number of spatial
-    dimensions, from a strided view of the padded input (one copy; ``F.unfold`` is 3–5×
-    slower on the CPU)."""
-    nd = len(kernel)
-    flat = [v for pair in reversed(pads) for v in pair]
-    if any(flat):
-        x = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
-    for i in range(nd):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+def _patches(x: Tensor, m: nn.Module) -> Tensor:
+    """``(B, C·prod(kernel), S)`` for convolution ``m``: the layout of ``F.unfold``, for any
+    number of spatial dimensions and padding mode, in one copy of :func:`_windows`
+    (``F.unfold`` is 3–5× slower on the CPU)."""
+    nd = len(m.kernel_size)
+    x = _windows(x, m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
     B, C = x.shape[:2]
     S = math.prod(x.shape[2 : 2 + nd])
     # (B, C, *out_spatial, *kernel) -> (B, C, *kernel, *out_spatial)
     x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return x.reshape(B, C * math.prod(kernel), S)
+    return x.reshape(B, C * math.prod(m.kernel_size), S)
 
 
 def _native(
@@ -107,9 +108,7 @@ def _native(
     g = m.groups
     U = None
     if patches:
-        pads = _conv_padding(m.kernel_size, m.dilation, m.padding)
-        U = _patches(a, m.kernel_size, m.stride, pads, m.dilation, m.padding_mode)  # (B, r, S)
-        U = U.reshape(B * g, -1, S)
+        U = _patches(a, m).reshape(B * g, -1, S)  # (B·g, r_g, S)
     return U, gr.reshape(K, B * g, out // g, S)
 
 

@@ -311,8 +311,12 @@ class LinearLikeRule(KFACRule):
                     w = w + v.mul_(v).sum((0, 1))
                 out["weight"] = w.flatten()
         if "bias" in names:
-            out["bias"] = self.bias_grads(module, s).sum(2).square().sum((0, 1)).flatten()
+            out["bias"] = self._bias_squares(module, s)
         return out
+
+    def _bias_squares(self, module: nn.Module, site: Site) -> Tensor:
+        r""":math:`\sum_{n,k} (\sum_l g_{nkl})^{\circ 2}` of the bias's output cotangents."""
+        return self.bias_grads(module, site).sum(2).square().sum((0, 1)).flatten()
 
     def _plain_squares(
         self, module: nn.Module, g: Tensor, a: Tensor, names: list[str], site: Site
@@ -329,7 +333,7 @@ class LinearLikeRule(KFACRule):
             if type(self).bias_grads is LinearLikeRule.bias_grads:  # the weight's cotangents
                 out["bias"] = g2.sum(0)
             else:
-                out["bias"] = self.bias_grads(module, site).sum(2).square().sum((0, 1)).flatten()
+                out["bias"] = self._bias_squares(module, site)
         return out
 
 

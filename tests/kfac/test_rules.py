@@ -42,14 +42,47 @@ def unfold_input(x, conv):
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 2, 5, 5)),
         (nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0)), (2, 2, 4, 5, 4)),
         (nn.Conv3d(1, 2, 2, padding="same", dilation=2), (2, 1, 4, 4, 4)),
+        (nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", dilation=2), (2, 2, 6, 6)),
+        (nn.Conv2d(2, 3, 4, padding="same", padding_mode="replicate"), (2, 2, 5, 5)),
     ],
 )
 def test_unfold_reproduces_convolution(conv, shape):
+    """Both patch layouts (the rules' ``(B, L, r)`` and the native ``(B, r, S)`` of the fast
+    path) reproduce the convolution."""
+    from curvlib.kfac.conv import _patches
+
     conv = conv.double()
     x = torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(0))
     a = unfold_input(x, conv)  # (B, L, r)
     z = a @ conv.weight.flatten(1).T + conv.bias  # (B, L, out)
     assert torch.allclose(z, conv(x).flatten(2).transpose(1, 2), atol=1e-12)
+    assert torch.equal(_patches(x, conv), a.transpose(1, 2))
+
+
+@pytest.mark.parametrize("cls", [AutogradGGN, AutogradEF])
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
+        (nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", dilation=2), (2, 6, 6)),
+        (nn.Conv2d(2, 3, 4, padding="same", padding_mode="replicate"), (2, 5, 5)),
+        (nn.Conv1d(2, 3, 4, padding="same"), (2, 9)),
+        (nn.Conv3d(2, 2, 2, stride=(1, 2, 1)), (2, 4, 4, 3)),
+        (nn.Conv2d(4, 4, 3, groups=2, stride=2), (4, 7, 7)),
+    ],
+)
+def test_convolution_diagonal_is_the_dense_diagonal(conv, shape, cls):
+    """The fast path of a convolution's diagonal (patches in torch's layout, every padding
+    mode) against the diagonal of the dense brute-force matrix."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    flat = conv(torch.zeros(1, *shape, dtype=DT)).numel()
+    model = _head(conv, flat).double()
+    x = torch.randn(5, *shape, dtype=DT)
+    y = torch.randint(0, 3, (5,))
+    _, h = cls(model, "classification").diag(x, y)
+    dense = ref.ggn if cls is AutogradGGN else ref.ef
+    assert ref.rel_err(h, dense(model, x, y, "classification").diagonal()) < TOL
 
 
 def test_unfold_matches_torch_unfold_2d():
